@@ -1,0 +1,73 @@
+"""distill_plugins: plugin-based knowledge distillation for megatron-core.
+
+Public API (exactly ``__all__``): the hook marker for plugins, the part base
+classes, the error types, the plugin host builder and ``build_objective``.
+Importing this package imports neither megatron-core nor any plugin.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import DistillError, InputError, PluginError, RecipeError, UnknownPartError
+from .hookspecs import hookimpl
+from .interfaces import (
+    Objective,
+    Part,
+    PartConfig,
+    Selection,
+    StepStats,
+    TemperaturePolicy,
+    TokenContext,
+    TokenSelector,
+    VocabAligner,
+)
+from .manager import DEFAULT_PLUGINS, PluginHost, build_plugin_host
+from .parallel import ParallelContext
+
+__version__ = "0.1.0"
+
+
+def build_objective(name: str, **params: Any) -> Objective:
+    """Build a registered objective by name with checked parameters.
+
+    Returns a callable ``objective(student_logits [T, V_local], teacher_logits
+    [T, V_local], *, temperature=1.0, tp_group=None, vocab_size=None) -> Tensor[T]``
+    of per-token fp32 losses (see :class:`Objective`).
+
+    Raises:
+        UnknownPartError: ``name`` is not registered (the message lists those that are).
+        RecipeError: a parameter is unknown, ill-typed or out of range.
+    """
+    return build_plugin_host().build("objective", name, params)  # type: ignore[return-value]
+
+
+def build_part(kind: str, name: str, **params: Any) -> Part:
+    """Build a registered part of ``kind`` (objective, token_selector, temperature_policy, vocab_aligner)."""
+    return build_plugin_host().build(kind, name, params)
+
+
+__all__ = [
+    "DEFAULT_PLUGINS",
+    "DistillError",
+    "InputError",
+    "Objective",
+    "ParallelContext",
+    "Part",
+    "PartConfig",
+    "PluginError",
+    "PluginHost",
+    "RecipeError",
+    "Selection",
+    "StepStats",
+    "TemperaturePolicy",
+    "TokenContext",
+    "TokenSelector",
+    "UnknownPartError",
+    "VocabAligner",
+    "__version__",
+    "build_objective",
+    "build_part",
+    "build_plugin_host",
+    "hookimpl",
+]

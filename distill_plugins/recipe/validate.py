@@ -1,0 +1,114 @@
+"""Recipe validation that gathers every error before reporting.
+
+Checks, in order, all collected into one :class:`RecipeError`:
+
+1. the schema (unknown keys, types, ranges) via :func:`parse_dataclass`;
+2. each part section (objective, selector, temperature, aligner): the name is
+   registered, its parameters fit the part's ``Config``;
+3. each part's own recipe check: a part class may define
+   ``check_recipe(config, recipe) -> list[str]`` (e.g. the identity aligner
+   compares the two vocabularies);
+4. cross-section structure: heads and query groups divisible by TP, layers of
+   both models divisible by PP, CE mixing needs labels, ...;
+5. every plugin's ``distill_validate_recipe`` hook.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from ..config import parse_dataclass, to_plain
+from ..errors import DistillError, RecipeError
+from .load import normalize_part
+from .schema import PART_SECTIONS, ModelSpec, Recipe
+
+#: part names accepted in place of a registered name, per section
+PART_PLACEHOLDERS = {"aligner": {"auto"}}
+
+
+def _split_parts(data: dict[str, Any], errors: list[str]) -> dict[str, Any]:
+    """Turn ``{name: x, k: v}`` part sections into ``{name: x, params: {k: v}}`` for the schema."""
+    out = dict(data)
+    for section in PART_SECTIONS:
+        if section not in out:
+            continue
+        value = normalize_part(out[section])
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+            errors.append(f"{section}: expected a registered name or a mapping with a 'name' key, got {out[section]!r}")
+            out.pop(section)
+            continue
+        params = {k: v for k, v in value.items() if k != "name"}
+        out[section] = {"name": value["name"], "params": params}
+    return out
+
+
+def _structure_errors(recipe: Recipe) -> list[str]:
+    errors = []
+    tp, pp = recipe.parallel.tensor, recipe.parallel.pipeline
+    models: list[tuple[str, Optional[ModelSpec]]] = [("student", recipe.student), ("teacher", recipe.teacher),
+                                                     ("reference", recipe.reference)]
+    for role, spec in models:
+        if spec is None or spec.hf or spec.megatron:
+            continue  # shapes come from the checkpoint's config; checked when it is read
+        if spec.num_attention_heads % tp:
+            errors.append(f"{role}.num_attention_heads={spec.num_attention_heads} is not divisible by "
+                          f"parallel.tensor={tp}")
+        groups = spec.num_query_groups or spec.num_attention_heads
+        if groups % tp:
+            errors.append(f"{role}.num_query_groups={groups} is not divisible by parallel.tensor={tp}")
+        if spec.num_layers % pp:
+            errors.append(f"{role}.num_layers={spec.num_layers} is not divisible by parallel.pipeline={pp}")
+        if recipe.data.seq_length > spec.max_position_embeddings:
+            errors.append(f"data.seq_length={recipe.data.seq_length} exceeds {role}.max_position_embeddings="
+                          f"{spec.max_position_embeddings}")
+    if recipe.parallel.sequence_parallel and tp == 1:
+        errors.append("parallel.sequence_parallel=true needs parallel.tensor > 1")
+    if recipe.data.kind in ("jsonl", "indexed") and not recipe.data.paths:
+        errors.append(f"data.kind={recipe.data.kind!r} needs data.paths")
+    return errors
+
+
+def validate_recipe_data(data: dict[str, Any], host=None, source: str = "recipe"):
+    """Validate merged recipe data. Returns ``(Recipe, PluginHost)``; raises :class:`RecipeError`."""
+    from ..manager import build_plugin_host
+
+    errors: list[str] = []
+    prepared = _split_parts(data, errors)
+    if host is None:
+        plugins = prepared.get("plugins", [])
+        try:
+            host = build_plugin_host(plugins if isinstance(plugins, list) else [])
+        except DistillError as exc:
+            raise RecipeError(errors + [f"plugins: {exc}"]) from exc
+
+    recipe, schema_errors = parse_dataclass(Recipe, prepared, "recipe")
+    errors.extend(e.removeprefix("recipe: ").removeprefix("recipe.") for e in schema_errors)
+
+    part_configs = {}
+    for section, kind in PART_SECTIONS.items():
+        spec = prepared.get(section)
+        if not isinstance(spec, dict) or "name" not in spec:
+            if recipe is not None:
+                spec = to_plain(getattr(recipe, section))
+            else:
+                continue
+        name, params = spec["name"], spec.get("params", {})
+        if name in PART_PLACEHOLDERS.get(section, ()):
+            if params:
+                errors.append(f"{section}: {name!r} takes no parameters, got {sorted(params)}")
+            continue
+        config, part_errors = host.registry(kind).check_params(name, params, section)
+        errors.extend(part_errors)
+        if config is not None:
+            part_configs[section] = (host.part_class(kind, name), config)
+
+    if recipe is not None:
+        for section, (cls, config) in part_configs.items():
+            check = getattr(cls, "check_recipe", None)
+            if check is not None:
+                errors.extend(f"{section}: {e}" for e in check(config, recipe))
+        errors.extend(_structure_errors(recipe))
+        errors.extend(host.validate_recipe(to_plain(recipe)))
+    if errors:
+        raise RecipeError(errors)
+    return recipe, host

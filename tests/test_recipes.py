@@ -1,0 +1,129 @@
+"""Recipes: extends, overrides, validation that gathers every error, the run record, shipped recipes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill_plugins.cli import main
+from distill_plugins.errors import RecipeError
+from distill_plugins.manager import NO_ENTRY_POINTS_ENV
+from distill_plugins.recipe.load import apply_overrides, load_recipe, load_recipe_data
+from distill_plugins.recipe.record import write_run_record
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def no_entry_points(monkeypatch):
+    monkeypatch.setenv(NO_ENTRY_POINTS_ENV, "1")
+
+
+def write(path: Path, data) -> Path:
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def test_extends_deep_merges_and_part_sections_replace_on_new_name(tmp_path):
+    write(tmp_path / "base.yaml", {"training": {"steps": 5, "lr": 0.1}, "objective": {"name": "csd", "w1": "U"}})
+    write(tmp_path / "child.yaml", {"extends": "base.yaml", "training": {"steps": 7}, "objective": "forward_kl"})
+    data = load_recipe_data(tmp_path / "child.yaml")
+    assert data["training"] == {"steps": 7, "lr": 0.1}
+    assert data["objective"] == {"name": "forward_kl"}  # the base's w1 does not leak
+    write(tmp_path / "same.yaml", {"extends": "base.yaml", "objective": {"w2": "T"}})
+    assert load_recipe_data(tmp_path / "same.yaml")["objective"] == {"name": "csd", "w1": "U", "w2": "T"}
+
+
+def test_extends_cycle_is_reported(tmp_path):
+    write(tmp_path / "a.yaml", {"extends": "b.yaml"})
+    write(tmp_path / "b.yaml", {"extends": "a.yaml"})
+    with pytest.raises(RecipeError, match="extends itself"):
+        load_recipe_data(tmp_path / "a.yaml")
+
+
+def test_overrides_dotted_yaml_values():
+    data = apply_overrides({"objective": "csd", "training": {"steps": 1}},
+                           ["training.steps=10", "objective.w1=U", "data.paths=[a, b]", "training.lr=1e-4"])
+    assert data["training"] == {"steps": 10, "lr": 1e-4}
+    assert data["objective"] == {"name": "csd", "w1": "U"}
+    assert data["data"] == {"paths": ["a", "b"]}
+    assert apply_overrides(data, ["objective.name=tvd"])["objective"] == {"name": "tvd"}
+    with pytest.raises(RecipeError, match="not key=value"):
+        apply_overrides({}, ["training.steps"])
+
+
+def test_validation_gathers_every_error(tmp_path):
+    recipe = write(tmp_path / "bad.yaml", {
+        "objective": {"name": "csdd"},
+        "selector": {"name": "top_fraction", "fraktion": 0.5},
+        "training": {"steps": "many"},
+        "parallel": {"tensor": 3},
+        "student": {"num_attention_heads": 4, "hidden_size": 64},
+    })
+    with pytest.raises(RecipeError) as err:
+        load_recipe(recipe)
+    errors = err.value.errors
+    text = "\n".join(errors)
+    assert "unknown objective 'csdd'" in text and "did you mean 'csd'" in text
+    assert "'fraktion'" in text and "fraction" in text
+    assert "training.steps" in text and "'many'" in text
+    assert "num_attention_heads=4 is not divisible by parallel.tensor=3" in text
+    assert len(errors) >= 4
+
+
+def test_distill_check_prints_all_three_mistakes_and_exits_2(tmp_path, capsys):
+    recipe = write(tmp_path / "three.yaml", {
+        "objective": {"name": "not_an_objective"},
+        "temperature": {"name": "constant", "valu": 2.0},
+        "training": {"lr": "fast"},
+    })
+    assert main(["check", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "3 error(s)" in err
+    assert "unknown objective 'not_an_objective'" in err
+    assert "unknown key 'valu'" in err
+    assert "training.lr: expected float, got 'fast'" in err
+
+
+def test_distill_check_valid_recipe_exits_0(capsys):
+    assert main(["check", str(ROOT / "recipes/tiny/csd_tp2.yaml"), "training.steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out and "csd(w1='U', w2='S')" in out and "TP=2" in out
+
+
+def test_malformed_yaml_and_non_mapping(tmp_path, capsys):
+    bad = write(tmp_path / "bad.yaml", "training: [unclosed\n")
+    assert main(["check", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    listy = write(tmp_path / "list.yaml", "- a\n- b\n")
+    assert main(["check", str(listy)]) == 2
+    assert "mapping at the top level" in capsys.readouterr().err
+    assert main(["check", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_run_record_has_recipe_plugins_and_revision(tmp_path):
+    recipe, host = load_recipe(ROOT / "recipes/tiny/base.yaml")
+    out = write_run_record(recipe, host, tmp_path / "run")
+    resolved = yaml.safe_load((out / "recipe.resolved.yaml").read_text())
+    assert resolved["objective"] == {"name": "forward_kl", "params": {}}
+    assert resolved["training"]["steps"] == recipe.training.steps
+    plugins = json.loads((out / "plugins.json").read_text())
+    assert any(p["name"] == "csd" and p["distribution"] == "distill-plugins" for p in plugins["parts"])
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["git_revision"] and info["versions"]["torch"].startswith("2.")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(ROOT)) for p in SHIPPED])
+def test_every_shipped_recipe_validates(path):
+    recipe, _ = load_recipe(path)
+    assert recipe.training.steps > 0
+
+
+def test_shipped_recipes_exist_in_every_folder():
+    folders = {p.parent.name for p in SHIPPED}
+    assert "tiny" in folders and len(SHIPPED) >= 3
