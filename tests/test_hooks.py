@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
 import textwrap
 from pathlib import Path
 
@@ -31,6 +32,7 @@ def plugin(tmp_path, monkeypatch):
     def make(source: str, name: str = "hook_probe"):
         (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
         monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.delitem(sys.modules, name, raising=False)
         return build_plugin_host([name]), __import__(name)
 
     return make

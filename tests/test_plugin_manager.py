@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import sys
 import textwrap
 
 import pytest
@@ -35,6 +36,7 @@ def distill_register_objectives(register):
 def write_plugin(tmp_path, monkeypatch, module: str, source: str) -> str:
     (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, module, raising=False)
     return module
 
 
@@ -65,7 +67,7 @@ def test_builtin_objectives_and_names_required_by_the_spec():
 
 
 def test_recipe_plugin_is_loaded_after_builtins(tmp_path, monkeypatch):
-    module = write_plugin(tmp_path, monkeypatch, "plug_zero", PLUGIN_SOURCE.format(name="zero"))
+    module = write_plugin(tmp_path, monkeypatch, "plug_zero", PLUGIN_SOURCE.replace("{name}", "zero"))
     host = build_plugin_host([module])
     entry = host.registry("objective").get("zero")
     assert entry.plugin == "plug_zero"
@@ -74,7 +76,7 @@ def test_recipe_plugin_is_loaded_after_builtins(tmp_path, monkeypatch):
 
 
 def test_duplicate_name_names_both_owners(tmp_path, monkeypatch):
-    module = write_plugin(tmp_path, monkeypatch, "plug_dup", PLUGIN_SOURCE.format(name="forward_kl"))
+    module = write_plugin(tmp_path, monkeypatch, "plug_dup", PLUGIN_SOURCE.replace("{name}", "forward_kl"))
     with pytest.raises(PluginError) as err:
         build_plugin_host([module])
     message = str(err.value)
@@ -118,7 +120,7 @@ def test_plugin_import_failure_names_plugin_and_distribution(tmp_path, monkeypat
 
 
 def test_entry_point_plugin_with_fake_distribution(tmp_path, monkeypatch):
-    module = write_plugin(tmp_path, monkeypatch, "plug_ep", PLUGIN_SOURCE.format(name="ep_zero"))
+    module = write_plugin(tmp_path, monkeypatch, "plug_ep", PLUGIN_SOURCE.replace("{name}", "ep_zero"))
 
     class FakeDist:
         name, version = "distill-plugins-ep", "1.2"
@@ -167,7 +169,7 @@ def test_impl_may_take_fewer_arguments_than_spec(tmp_path, monkeypatch):
 
 
 def test_no_global_state_between_hosts(tmp_path, monkeypatch):
-    module = write_plugin(tmp_path, monkeypatch, "plug_once", PLUGIN_SOURCE.format(name="once"))
+    module = write_plugin(tmp_path, monkeypatch, "plug_once", PLUGIN_SOURCE.replace("{name}", "once"))
     assert "once" in build_plugin_host([module]).registry("objective")
     assert "once" not in build_plugin_host().registry("objective")
 

@@ -68,6 +68,20 @@ def _structure_errors(recipe: Recipe) -> list[str]:
     return errors
 
 
+def _best_effort_recipe(prepared: dict[str, Any]) -> Recipe:
+    """A recipe of the sections that parse on their own (defaults elsewhere), for structure checks.
+
+    Lets validation report structural problems of good sections even when another section is broken.
+    """
+    kept = {}
+    for key, value in prepared.items():
+        obj, errs = parse_dataclass(Recipe, {key: value}, "recipe")
+        if obj is not None and not errs:
+            kept[key] = value
+    obj, _ = parse_dataclass(Recipe, kept, "recipe")
+    return obj if obj is not None else Recipe()
+
+
 def validate_recipe_data(data: dict[str, Any], host=None, source: str = "recipe"):
     """Validate merged recipe data. Returns ``(Recipe, PluginHost)``; raises :class:`RecipeError`."""
     from ..manager import build_plugin_host
@@ -102,12 +116,13 @@ def validate_recipe_data(data: dict[str, Any], host=None, source: str = "recipe"
         if config is not None:
             part_configs[section] = (host.part_class(kind, name), config)
 
+    checked = recipe if recipe is not None else _best_effort_recipe(prepared)
+    for section, (cls, config) in part_configs.items():
+        check = getattr(cls, "check_recipe", None)
+        if check is not None:
+            errors.extend(f"{section}: {e}" for e in check(config, checked))
+    errors.extend(_structure_errors(checked))
     if recipe is not None:
-        for section, (cls, config) in part_configs.items():
-            check = getattr(cls, "check_recipe", None)
-            if check is not None:
-                errors.extend(f"{section}: {e}" for e in check(config, recipe))
-        errors.extend(_structure_errors(recipe))
         errors.extend(host.validate_recipe(to_plain(recipe)))
     if errors:
         raise RecipeError(errors)
