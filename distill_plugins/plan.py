@@ -1,0 +1,625 @@
+"""The planner behind ``distill plan``: will this recipe run on this cluster, and in how much memory?
+
+Design: pure arithmetic on model shapes, no torch and no weights. Shapes come from
+a model's ``hf`` directory's ``config.json`` when the directory exists, otherwise
+from the shape keys in the recipe (so cluster recipes can be planned on a laptop).
+Every formula is written out in docs/planner.md; the ones used here are:
+
+* parameters per GPU: tensor-parallel matrices divided by TP, norms (and
+  row-parallel biases) replicated; layers split evenly over PP stages; the
+  embedding on the first stage, final norm and output layer on the last (with
+  tied embeddings and PP > 1 the last stage keeps its own copy, as megatron does);
+* vocabulary padding: ``Vp = ceil(V / (d * TP)) * d * TP``, d = make_vocab_size_divisible_by;
+* student weights ``P * w`` (w = 2 bytes for bf16/fp16, 4 for fp32); gradients
+  ``4 P`` (megatron DDP keeps fp32 main grads); Adam state ``(8 + m) P`` with
+  m = 4 fp32 master bytes unless the model is already fp32, divided by DP with the
+  distributed optimizer;
+* teacher (and reference) weights ``P_t * w``: frozen, no gradients, no optimizer;
+* activations per student layer (Korthikanti et al. 2022, 16-bit activations):
+  ``s b h (10 + 24/t + 5 a s / (h t))`` bytes without sequence parallelism,
+  ``s b h (34 + 5 a s / h) / t`` with it; the ``5 a s / h`` attention-score term is
+  dropped for fused/flash attention (the default); x2 for fp32; times the
+  microbatches a stage holds under 1F1B: ``min(PP - stage, microbatches)``;
+* loss logits on the last stage: fp32 ``[s b, Vp / TP]`` for the student and the
+  teacher plus a workspace of two student-sized fp32 buffers (the objective's
+  probabilities); the DSKD aligner adds one student- and one teacher-sized buffer.
+
+It is an estimate: CUDA context, NCCL buffers, allocator fragmentation and
+transient all-gathers are not counted; keep a margin of a few GiB.
+
+Usage::
+
+    report = plan_recipe("recipes/cluster/x.yaml", nodes=2, gpus_per_node=8)
+    print(report.format())
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from .config import parse_dataclass
+from .errors import DistillError, RecipeError
+from .recipe.schema import PART_SECTIONS, ModelSpec, Recipe
+
+GIB = 1 << 30
+#: bytes per parameter or activation element by training precision
+WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+#: the tensor-parallel sizes the layout search tries
+TP_CHOICES = (1, 2, 4, 8)
+#: fp32 student-sized [s*b, Vp/TP] buffers the loss keeps besides the two logits tensors
+LOSS_WORKSPACE_BUFFERS = 2
+SBATCH_SCRIPT = "launch/slurm/distill.sbatch"
+
+
+# ---------------------------------------------------------------------------
+# Model shapes
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs to know about one model."""
+
+    role: str
+    arch: str
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    vocab_size: int
+    max_position_embeddings: int
+    tie_embeddings: bool
+    add_qkv_bias: bool
+    source: str = "recipe"
+
+
+def default_ffn_hidden_size(arch: str, hidden_size: int) -> int:
+    """4h for gpt2; 8h/3 rounded up to a multiple of 64 for llama (the schema's default)."""
+    if arch == "gpt2":
+        return 4 * hidden_size
+    return -(-(8 * hidden_size // 3) // 64) * 64
+
+
+def _from_hf_config(role: str, config: dict, path: Path) -> ModelShape:
+    model_type = config.get("model_type", "llama")
+    if model_type == "gpt2":
+        h = config["n_embd"]
+        return ModelShape(role=role, arch="gpt2", num_layers=config["n_layer"], hidden_size=h,
+                          ffn_hidden_size=config.get("n_inner") or 4 * h, num_attention_heads=config["n_head"],
+                          num_query_groups=config["n_head"], vocab_size=config["vocab_size"],
+                          max_position_embeddings=config.get("n_positions", 1024), tie_embeddings=True,
+                          add_qkv_bias=True, source=f"{path}/config.json")
+    heads = config["num_attention_heads"]
+    return ModelShape(
+        role=role, arch="llama", num_layers=config["num_hidden_layers"], hidden_size=config["hidden_size"],
+        ffn_hidden_size=config["intermediate_size"], num_attention_heads=heads,
+        num_query_groups=config.get("num_key_value_heads") or heads, vocab_size=config["vocab_size"],
+        max_position_embeddings=config.get("max_position_embeddings", 2048),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        add_qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
+        source=f"{path}/config.json")
+
+
+def resolve_shape(role: str, spec: ModelSpec, warnings: list[str]) -> ModelShape:
+    """The shape of ``spec``: from ``<hf>/config.json`` when present, else from the recipe's keys.
+
+    Appends ``model directory X not found; using the shape keys from the recipe``
+    (or the config.json variant) to ``warnings`` when it falls back.
+
+    Raises:
+        RecipeError: when the recipe gives no vocab_size and there is no config to read it from.
+    """
+    if spec.hf:
+        path = Path(spec.hf).expanduser()
+        config_file = path / "config.json"
+        if config_file.is_file():
+            try:
+                return _from_hf_config(role, json.loads(config_file.read_text()), path)
+            except (KeyError, ValueError) as exc:
+                raise RecipeError(f"{role}.hf: cannot read the model shape from {config_file}: {exc!r}") from exc
+        if not path.is_dir():
+            warnings.append(f"{role}: model directory {spec.hf} not found; using the shape keys from the recipe")
+        else:
+            warnings.append(f"{role}: no config.json in {spec.hf}; using the shape keys from the recipe")
+    if spec.vocab_size is None:
+        raise RecipeError(f"{role}.vocab_size is not set: give it in the recipe (the tokenizer's size) "
+                          f"so the planner can size the embedding and the logits")
+    return ModelShape(
+        role=role, arch=spec.arch, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size or default_ffn_hidden_size(spec.arch, spec.hidden_size),
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_query_groups or spec.num_attention_heads, vocab_size=spec.vocab_size,
+        max_position_embeddings=spec.max_position_embeddings, tie_embeddings=spec.tie_embeddings,
+        add_qkv_bias=spec.add_qkv_bias or spec.arch == "gpt2")
+
+
+# ---------------------------------------------------------------------------
+# Parameter counts
+# ---------------------------------------------------------------------------
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor: int) -> int:
+    """Megatron's padding: ``ceil(V / (d * TP)) * d * TP``."""
+    multiple = divisible_by * tensor
+    return -(-vocab_size // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class Params:
+    """A parameter count split into tensor-parallel-sharded and replicated parts."""
+
+    sharded: int = 0
+    replicated: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.sharded + self.replicated
+
+    def per_gpu(self, tensor: int) -> int:
+        return self.sharded // tensor + self.replicated
+
+    def __add__(self, other: "Params") -> "Params":
+        return Params(self.sharded + other.sharded, self.replicated + other.replicated)
+
+    def __mul__(self, n: int) -> "Params":
+        return Params(self.sharded * n, self.replicated * n)
+
+
+def layer_params(shape: ModelShape) -> Params:
+    """One transformer layer.
+
+    llama: QKV ``h (h + 2 g k)`` (+ ``h + 2 g k`` bias when add_qkv_bias), k = h/a;
+    output projection ``h^2``; SwiGLU ``3 h f``; two RMSNorm weights ``2 h``.
+    gpt2: QKV ``3h^2 + 3h``; projection ``h^2 + h``; MLP ``2 h f + f + h``; two LayerNorms ``4h``.
+    Column-parallel biases are sharded, row-parallel biases and norms replicated.
+    """
+    h, f = shape.hidden_size, shape.ffn_hidden_size
+    if shape.arch == "gpt2":
+        sharded = 3 * h * h + 3 * h + h * h + h * f + f + f * h
+        return Params(sharded=sharded, replicated=h + h + 4 * h)
+    kv_channels = h // shape.num_attention_heads
+    qkv_out = h + 2 * shape.num_query_groups * kv_channels
+    sharded = h * qkv_out + h * h + 3 * h * f + (qkv_out if shape.add_qkv_bias else 0)
+    return Params(sharded=sharded, replicated=2 * h)
+
+
+def embedding_params(shape: ModelShape, vocab: int) -> Params:
+    """Word embedding ``Vp h`` (vocab-parallel); gpt2 adds learned positions ``max_pos h`` (replicated)."""
+    positions = shape.max_position_embeddings * shape.hidden_size if shape.arch == "gpt2" else 0
+    return Params(sharded=vocab * shape.hidden_size, replicated=positions)
+
+
+def final_norm_params(shape: ModelShape) -> Params:
+    return Params(replicated=(2 if shape.arch == "gpt2" else 1) * shape.hidden_size)
+
+
+def output_params(shape: ModelShape, vocab: int) -> Params:
+    return Params(sharded=vocab * shape.hidden_size)
+
+
+def total_params(shape: ModelShape, vocab: Optional[int] = None) -> int:
+    """All parameters of the model (output layer counted once when tied)."""
+    vocab = shape.vocab_size if vocab is None else vocab
+    total = embedding_params(shape, vocab) + layer_params(shape) * shape.num_layers + final_norm_params(shape)
+    if not shape.tie_embeddings:
+        total = total + output_params(shape, vocab)
+    return total.total
+
+
+def stage_params(shape: ModelShape, vocab: int, tensor: int, pipeline: int, stage: int) -> int:
+    """Parameters one GPU of pipeline ``stage`` holds."""
+    layers = -(-shape.num_layers // pipeline)
+    params = layer_params(shape) * layers
+    if stage == 0:
+        params = params + embedding_params(shape, vocab)
+    if stage == pipeline - 1:
+        params = params + final_norm_params(shape)
+        if not shape.tie_embeddings or pipeline > 1:
+            params = params + output_params(shape, vocab)
+    return params.per_gpu(tensor)
+
+
+# ---------------------------------------------------------------------------
+# Layout and checks
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout on ``world`` GPUs."""
+
+    tensor: int
+    pipeline: int
+    world: int
+    distributed_optimizer: bool = False
+    sequence_parallel: bool = False
+
+    @property
+    def data(self) -> int:
+        return max(1, self.world // (self.tensor * self.pipeline))
+
+    def describe(self) -> str:
+        extras = [x for x, on in (("distributed optimizer", self.distributed_optimizer),
+                                  ("sequence parallel", self.sequence_parallel)) if on]
+        dp = self.data if not self.world % (self.tensor * self.pipeline) else "n/a"
+        return f"TP={self.tensor} PP={self.pipeline} DP={dp}" + (f" ({', '.join(extras)})" if extras else "")
+
+    def overrides(self) -> list[str]:
+        """``key=value`` overrides that select this layout."""
+        return [f"parallel.tensor={self.tensor}", f"parallel.pipeline={self.pipeline}",
+                f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
+                f"parallel.distributed_optimizer={str(self.distributed_optimizer).lower()}"]
+
+
+def check_layout(recipe: Recipe, shapes: Sequence[ModelShape], layout: Layout) -> list[str]:
+    """Every divisibility problem of ``layout`` for ``recipe``, each naming the numbers."""
+    errors = []
+    tp, pp, world = layout.tensor, layout.pipeline, layout.world
+    if world % (tp * pp):
+        errors.append(f"{world} GPUs are not divisible by parallel.tensor={tp} x parallel.pipeline={pp} = {tp * pp}")
+    for s in shapes:
+        if s.num_attention_heads % tp:
+            errors.append(f"{s.role}.num_attention_heads={s.num_attention_heads} is not divisible by "
+                          f"parallel.tensor={tp}")
+        if s.num_query_groups % tp:
+            errors.append(f"{s.role}.num_query_groups={s.num_query_groups} is not divisible by parallel.tensor={tp}")
+        if s.ffn_hidden_size % tp:
+            errors.append(f"{s.role}.ffn_hidden_size={s.ffn_hidden_size} is not divisible by parallel.tensor={tp}")
+        if s.num_layers % pp:
+            errors.append(f"{s.role}.num_layers={s.num_layers} is not divisible by parallel.pipeline={pp}")
+    if not world % (tp * pp):
+        mbs, gbs = recipe.training.micro_batch_size, recipe.training.global_batch_size
+        if gbs % (mbs * layout.data):
+            errors.append(f"training.global_batch_size={gbs} is not divisible by training.micro_batch_size={mbs} "
+                          f"x data-parallel size {layout.data} = {mbs * layout.data}")
+    if layout.sequence_parallel:
+        if tp == 1:
+            errors.append("parallel.sequence_parallel=true needs parallel.tensor > 1")
+        elif recipe.data.seq_length % tp:
+            errors.append(f"data.seq_length={recipe.data.seq_length} is not divisible by parallel.tensor={tp} "
+                          "(sequence parallelism)")
+    return errors
+
+
+# ---------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------
+
+
+def activation_bytes_per_layer(*, seq: int, micro_batch: int, hidden: int, heads: int, tensor: int,
+                               sequence_parallel: bool, flash_attention: bool, element_bytes: int = 2) -> int:
+    """Stored activations of one layer for one microbatch (Korthikanti et al. 2022, Eqs. 2-4).
+
+    ``s b h (10 + 24/t + 5 a s/(h t))`` without sequence parallelism, ``s b h (34 + 5 a s/h) / t``
+    with it, for 16-bit activations; the ``5 a s/h`` score term is 0 with fused/flash attention.
+    ``element_bytes=4`` (fp32 training) doubles it.
+    """
+    sbh = seq * micro_batch * hidden
+    scores = 0 if flash_attention else 5 * heads * seq * micro_batch * seq  # 5 a s^2 b
+    if sequence_parallel:
+        value = (34 * sbh + scores) / tensor
+    else:
+        value = 10 * sbh + (24 * sbh + scores) / tensor
+    return int(round(value * element_bytes / 2))
+
+
+@dataclass(frozen=True)
+class MemoryLine:
+    """One line of the estimate: bytes per GPU on each reported stage, and how it was computed."""
+
+    name: str
+    bytes: tuple[int, ...]
+    formula: str
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    stages: tuple[str, ...]
+    lines: tuple[MemoryLine, ...]
+
+    @property
+    def totals(self) -> tuple[int, ...]:
+        return tuple(sum(line.bytes[i] for line in self.lines) for i in range(len(self.stages)))
+
+    @property
+    def peak(self) -> int:
+        return max(self.totals)
+
+    def line(self, name: str) -> MemoryLine:
+        return next(line for line in self.lines if line.name == name)
+
+
+def estimate_memory(recipe: Recipe, student: ModelShape, teacher: ModelShape, layout: Layout,
+                    reference: Optional[ModelShape] = None, *, flash_attention: bool = True) -> MemoryEstimate:
+    """Per-GPU bytes for the first and (when PP > 1) the last pipeline stage. See the module docstring."""
+    tp, pp, dp = layout.tensor, layout.pipeline, layout.data
+    d = recipe.parallel.make_vocab_size_divisible_by
+    precision = recipe.training.precision
+    w = WEIGHT_BYTES[precision]
+    master = 0 if precision == "fp32" else 4
+    s, b = recipe.data.seq_length, recipe.training.micro_batch_size
+    microbatches = max(1, recipe.training.global_batch_size // (b * dp))
+    vs, vt = padded_vocab_size(student.vocab_size, d, tp), padded_vocab_size(teacher.vocab_size, d, tp)
+    stage_ids = (0,) if pp == 1 else (0, pp - 1)
+    stage_names = ("all layers",) if pp == 1 else ("first stage", "last stage")
+    opt_div = dp if layout.distributed_optimizer else 1
+
+    def per_stage(fn) -> tuple[int, ...]:
+        return tuple(int(fn(st)) for st in stage_ids)
+
+    p_s = per_stage(lambda st: stage_params(student, vs, tp, pp, st))
+    p_t = per_stage(lambda st: stage_params(teacher, vt, tp, pp, st))
+    lines = [
+        MemoryLine("student weights", tuple(p * w for p in p_s),
+                   f"{_count(p_s)} params x {w} B ({precision})"),
+        MemoryLine("gradients", tuple(p * 4 for p in p_s), f"{_count(p_s)} params x 4 B (fp32 main grads)"),
+        MemoryLine("optimizer state", tuple(p * (8 + master) // opt_div for p in p_s),
+                   f"{_count(p_s)} params x {8 + master} B (Adam: "
+                   + ("fp32 master + " if master else "") + "2 fp32 moments)"
+                   + (f" / DP={dp} (distributed optimizer)" if layout.distributed_optimizer else "")),
+        MemoryLine("teacher weights", tuple(p * w for p in p_t), f"{_count(p_t)} params x {w} B, frozen"),
+    ]
+    if reference is not None:
+        vr = padded_vocab_size(reference.vocab_size, d, tp)
+        p_r = per_stage(lambda st: stage_params(reference, vr, tp, pp, st))
+        lines.append(MemoryLine("reference weights", tuple(p * w for p in p_r), f"{_count(p_r)} params x {w} B, frozen"))
+
+    per_layer = activation_bytes_per_layer(seq=s, micro_batch=b, hidden=student.hidden_size,
+                                           heads=student.num_attention_heads, tensor=tp,
+                                           sequence_parallel=layout.sequence_parallel,
+                                           flash_attention=flash_attention, element_bytes=w)
+    layers = -(-student.num_layers // pp)
+    inflight = per_stage(lambda st: min(pp - st, microbatches))
+    lines.append(MemoryLine("activations", tuple(per_layer * layers * n for n in inflight),
+                            f"{_gib(per_layer)} GiB/layer x {layers} layers x {'/'.join(map(str, inflight))} "
+                            f"microbatch(es) in flight"))
+
+    tokens = s * b
+    student_buffers = 1 + LOSS_WORKSPACE_BUFFERS
+    teacher_buffers = 1
+    if recipe.aligner.name == "dskd":
+        student_buffers += 1
+        teacher_buffers += 1
+    logits = tokens * 4 * (student_buffers * (vs // tp) + teacher_buffers * (vt // tp))
+    lines.append(MemoryLine("loss logits", tuple(logits if st == pp - 1 else 0 for st in stage_ids),
+                            f"[{tokens} tokens, V/TP] fp32 x ({student_buffers} student-sized (Vp={vs}) + "
+                            f"{teacher_buffers} teacher-sized (Vp={vt}))"))
+    return MemoryEstimate(stages=stage_names, lines=tuple(lines))
+
+
+def _count(values: Iterable[int]) -> str:
+    return "/".join(f"{v / 1e9:.3f}B" if v >= 1e8 else f"{v / 1e6:.2f}M" for v in values)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f}"
+
+
+# ---------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class PlanReport:
+    """Everything ``distill plan`` prints. ``ok`` is False when the layout is refused or does not fit."""
+
+    recipe_path: str
+    nodes: int
+    gpus_per_node: int
+    gpu_memory_gib: float
+    layout: Layout
+    shapes: list[ModelShape]
+    errors: list[str]
+    warnings: list[str]
+    memory: Optional[MemoryEstimate]
+    padded_vocab: dict[str, int]
+    microbatches: int
+    micro_batch: int = 1
+    global_batch: int = 1
+    vocab_multiple: int = 128
+    suggestion: Optional[tuple[Layout, MemoryEstimate]] = None
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.memory is not None and self.memory.peak <= self.gpu_memory_gib * GIB
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and self.fits
+
+    def command(self, extra_overrides: Sequence[str] = ()) -> str:
+        args = ["sbatch", f"--nodes={self.nodes}", f"--gpus-per-node={self.gpus_per_node}", SBATCH_SCRIPT,
+                self.recipe_path, *self.overrides, *extra_overrides]
+        return "mkdir -p logs && " + " ".join(shlex.quote(a) for a in args)
+
+    def format(self) -> str:
+        out = [f"distill plan {self.recipe_path}: {self.nodes} node(s) x {self.gpus_per_node} GPU(s) = "
+               f"{self.layout.world} GPUs, {self.layout.describe()}, {self.gpu_memory_gib:g} GiB per GPU"]
+        out += [f"warning: {w}" for w in self.warnings]
+        out.append("models:")
+        for s in self.shapes:
+            vp = self.padded_vocab[s.role]
+            out.append(f"  {s.role:<9} {s.arch:<5} {s.num_layers} layers, hidden {s.hidden_size}, ffn "
+                       f"{s.ffn_hidden_size}, heads {s.num_attention_heads}, query groups {s.num_query_groups}, "
+                       f"vocab {s.vocab_size} -> padded {vp} (+{vp - s.vocab_size}), "
+                       f"{_count([total_params(s)])} params  [{s.source}]")
+        out.append("checks:")
+        if self.errors:
+            out += [f"  ERROR {e}" for e in self.errors]
+        else:
+            tp, pp = self.layout.tensor, self.layout.pipeline
+            out.append("  ok    heads and query groups divisible by TP=" + str(tp) + ": " + ", ".join(
+                f"{s.role} {s.num_attention_heads}/{s.num_query_groups}" for s in self.shapes))
+            out.append("  ok    layers divisible by PP=" + str(pp) + ": " + ", ".join(
+                f"{s.role} {s.num_layers}" for s in self.shapes))
+            out.append(f"  ok    global batch {self.global_batch} = micro batch {self.micro_batch} x DP="
+                       f"{self.layout.data} x {self.microbatches} microbatch(es) per step")
+            out.append(f"  ok    vocabularies padded to a multiple of {self.vocab_multiple} x TP={tp}")
+        if self.memory is not None:
+            out.append("memory per GPU, GiB (an estimate; docs/planner.md):")
+            out += _memory_table(self.memory)
+            limit = self.gpu_memory_gib * GIB
+            if self.fits:
+                out.append(f"  fits: peak {_gib(self.memory.peak)} of {self.gpu_memory_gib:g} GiB "
+                           f"({100 * self.memory.peak / limit:.0f}%; CUDA context and NCCL buffers not counted)")
+            else:
+                out.append(f"  WARNING: peak {_gib(self.memory.peak)} GiB exceeds the {self.gpu_memory_gib:g} GiB "
+                           "of one GPU")
+        if self.suggestion is not None:
+            layout, memory = self.suggestion
+            out.append(f"suggested layout: {layout.describe()}, peak {_gib(memory.peak)} GiB:")
+            out.append("  " + " ".join(layout.overrides()))
+            out.append("command:")
+            out.append("  " + self.command(layout.overrides()))
+        elif not self.ok:
+            out.append(f"no layout (TP in {{1,2,4,8}}, PP dividing the GPUs, distributed optimizer and sequence "
+                       f"parallelism on or off) both divides and fits on {self.layout.world} GPUs: change the GPU "
+                       "count, training.global_batch_size or training.micro_batch_size, or data.seq_length")
+        else:
+            out.append("command:")
+            out.append("  " + self.command())
+        return "\n".join(out)
+
+
+def _memory_table(memory: MemoryEstimate) -> list[str]:
+    head = "  " + f"{'':<18}" + "".join(f"{name:>13}" for name in memory.stages)
+    rows = [head]
+    for line in memory.lines:
+        rows.append("  " + f"{line.name:<18}" + "".join(f"{_gib(v):>13}" for v in line.bytes) + f"   {line.formula}")
+    rows.append("  " + f"{'total':<18}" + "".join(f"{_gib(v):>13}" for v in memory.totals))
+    return rows
+
+
+def plan(recipe: Recipe, *, nodes: int, gpus_per_node: int, gpu_memory_gb: float = 80.0,
+         recipe_path: str = "RECIPE", overrides: Sequence[str] = (), flash_attention: bool = True,
+         warnings: Optional[list[str]] = None) -> PlanReport:
+    """Check ``recipe``'s layout on ``nodes`` x ``gpus_per_node`` GPUs and estimate its memory.
+
+    Args:
+        recipe: the recipe (its ``parallel`` section is the layout checked).
+        nodes, gpus_per_node: the allocation.
+        gpu_memory_gb: memory of one GPU in GiB (2^30 bytes).
+        recipe_path, overrides: echoed in the printed sbatch command.
+        flash_attention: drop the attention-score activations (fused/flash attention).
+        warnings: messages gathered while loading (shown first).
+    """
+    if nodes < 1 or gpus_per_node < 1:
+        raise DistillError(f"--nodes and --gpus-per-node must be >= 1, got {nodes} and {gpus_per_node}")
+    if gpu_memory_gb <= 0:
+        raise DistillError(f"--gpu-memory-gb must be > 0, got {gpu_memory_gb}")
+    warnings = list(warnings or [])
+    student = resolve_shape("student", recipe.student, warnings)
+    teacher = resolve_shape("teacher", recipe.teacher, warnings)
+    reference = resolve_shape("reference", recipe.reference, warnings) if recipe.reference else None
+    shapes = [s for s in (student, teacher, reference) if s is not None]
+    for s in shapes:
+        if recipe.data.seq_length > s.max_position_embeddings:
+            warnings.append(f"data.seq_length={recipe.data.seq_length} exceeds {s.role} "
+                            f"max_position_embeddings={s.max_position_embeddings}")
+    par = recipe.parallel
+    layout = Layout(tensor=par.tensor, pipeline=par.pipeline, world=nodes * gpus_per_node,
+                    distributed_optimizer=par.distributed_optimizer, sequence_parallel=par.sequence_parallel)
+    if layout.tensor > gpus_per_node:
+        warnings.append(f"parallel.tensor={layout.tensor} spans nodes ({gpus_per_node} GPUs per node): "
+                        "tensor parallelism across nodes is slow")
+    errors = check_layout(recipe, shapes, layout)
+
+    def estimate(lay: Layout) -> MemoryEstimate:
+        return estimate_memory(recipe, student, teacher, lay, reference, flash_attention=flash_attention)
+
+    memory = estimate(layout) if not layout.world % (layout.tensor * layout.pipeline) else None
+    d = par.make_vocab_size_divisible_by
+    report = PlanReport(
+        recipe_path=recipe_path, nodes=nodes, gpus_per_node=gpus_per_node, gpu_memory_gib=gpu_memory_gb,
+        layout=layout, shapes=shapes, errors=errors, warnings=warnings, memory=memory,
+        padded_vocab={s.role: padded_vocab_size(s.vocab_size, d, layout.tensor) for s in shapes},
+        microbatches=max(1, recipe.training.global_batch_size // (recipe.training.micro_batch_size * layout.data)),
+        micro_batch=recipe.training.micro_batch_size, global_batch=recipe.training.global_batch_size,
+        vocab_multiple=d,
+        overrides=list(overrides))
+    if not report.ok:
+        report.suggestion = suggest_layout(recipe, shapes, layout, gpus_per_node, gpu_memory_gb * GIB, estimate)
+    return report
+
+
+def suggest_layout(recipe: Recipe, shapes: Sequence[ModelShape], current: Layout, gpus_per_node: int,
+                   limit_bytes: float, estimate) -> Optional[tuple[Layout, MemoryEstimate]]:
+    """The valid layout that fits with the least model parallelism.
+
+    Searches TP in {1, 2, 4, 8} (at most a node), every PP dividing the GPU count, the
+    distributed optimizer and sequence parallelism on and off. Ranked by TP x PP, then
+    PP, then TP, then the number of switches changed from ``current``, then memory.
+    """
+    world = current.world
+    found = []
+    for tp in TP_CHOICES:
+        if tp > gpus_per_node or world % tp:
+            continue
+        for pp in range(1, world // tp + 1):
+            if (world // tp) % pp:
+                continue
+            for dist_opt in (False, True):
+                for sp in ((False, True) if tp > 1 else (False,)):
+                    lay = Layout(tp, pp, world, dist_opt, sp)
+                    if check_layout(recipe, shapes, lay):
+                        continue
+                    mem = estimate(lay)
+                    if mem.peak > limit_bytes:
+                        continue
+                    changed = (dist_opt != current.distributed_optimizer) + (sp != current.sequence_parallel)
+                    found.append(((tp * pp, pp, tp, changed, mem.peak), lay, mem))
+    if not found:
+        return None
+    _, lay, mem = min(found, key=lambda item: item[0])
+    return lay, mem
+
+
+# ---------------------------------------------------------------------------
+# Loading a recipe for planning
+# ---------------------------------------------------------------------------
+
+
+def load_for_plan(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
+    """Read ``path`` with ``overrides`` and check it against the schema, for planning.
+
+    Only the schema is checked (types, ranges, unknown keys), not the parts'
+    registration or parameters: a recipe naming a plugin that is installed on the
+    cluster only can still be planned on a laptop (``distill check`` validates the
+    rest). The layout's divisibility is the planner's own check, so a layout that
+    does not divide is reported with a suggestion instead of a bare error.
+    """
+    from .recipe.load import load_recipe_data, normalize_part
+
+    data = load_recipe_data(path, overrides)
+    errors: list[str] = []
+    prepared = dict(data)
+    for section in PART_SECTIONS:
+        if section in prepared:
+            value = normalize_part(prepared[section])
+            if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+                errors.append(f"{section}: expected a registered name or a mapping with a 'name' key, "
+                              f"got {prepared[section]!r}")
+                prepared.pop(section)
+                continue
+            prepared[section] = {"name": value["name"], "params": {k: v for k, v in value.items() if k != "name"}}
+    recipe, schema_errors = parse_dataclass(Recipe, prepared, "recipe")
+    errors.extend(e.removeprefix("recipe: ").removeprefix("recipe.") for e in schema_errors)
+    if errors:
+        raise RecipeError(errors)
+    return recipe
+
+
+def plan_recipe(path: str | os.PathLike, *, nodes: int, gpus_per_node: int, gpu_memory_gb: float = 80.0,
+                overrides: Sequence[str] = (), flash_attention: bool = True) -> PlanReport:
+    """:func:`load_for_plan` then :func:`plan`."""
+    recipe = load_for_plan(path, overrides)
+    return plan(recipe, nodes=nodes, gpus_per_node=gpus_per_node, gpu_memory_gb=gpu_memory_gb,
+                recipe_path=str(path), overrides=overrides, flash_attention=flash_attention)
