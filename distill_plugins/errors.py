@@ -33,3 +33,11 @@ class UnknownPartError(DistillError, KeyError):
 
 class InputError(DistillError, ValueError):
     """Tensors handed to a part break its contract (shapes, NaN logits, vocab sizes)."""
+
+
+class RecipeWarning(str):
+    """A recipe problem that does not stop a check (e.g. a model directory absent on this machine).
+
+    A part's ``check_recipe`` may return these among its error strings; validation
+    logs them as warnings instead of failing.
+    """

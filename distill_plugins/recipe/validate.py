@@ -18,9 +18,12 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..config import parse_dataclass, to_plain
-from ..errors import DistillError, RecipeError
+from ..errors import DistillError, RecipeError, RecipeWarning
+from ..logging import get_logger
 from .load import normalize_part
 from .schema import PART_SECTIONS, ModelSpec, Recipe
+
+log = get_logger(__name__)
 
 #: part names accepted in place of a registered name, per section
 PART_PLACEHOLDERS = {"aligner": {"auto"}}
@@ -43,13 +46,23 @@ def _split_parts(data: dict[str, Any], errors: list[str]) -> dict[str, Any]:
 
 
 def _structure_errors(recipe: Recipe) -> list[str]:
-    errors = []
+    from ..plan import resolve_shape
+
+    errors: list[str] = []
     tp, pp = recipe.parallel.tensor, recipe.parallel.pipeline
     models: list[tuple[str, Optional[ModelSpec]]] = [("student", recipe.student), ("teacher", recipe.teacher),
                                                      ("reference", recipe.reference)]
     for role, spec in models:
-        if spec is None or spec.hf or spec.megatron:
-            continue  # shapes come from the checkpoint's config; checked when it is read
+        if spec is None or spec.megatron:
+            continue  # a megatron checkpoint's shape is read from its metadata when it is loaded
+        if spec.hf:
+            warnings: list[str] = []
+            try:
+                spec = resolve_shape(role, spec, warnings)  # config.json when present, else the recipe's keys
+            except RecipeError as exc:
+                errors.extend(exc.errors)
+                continue
+            errors.extend(RecipeWarning(w) for w in warnings)
         if spec.num_attention_heads % tp:
             errors.append(f"{role}.num_attention_heads={spec.num_attention_heads} is not divisible by "
                           f"parallel.tensor={tp}")
@@ -120,10 +133,14 @@ def validate_recipe_data(data: dict[str, Any], host=None, source: str = "recipe"
     for section, (cls, config) in part_configs.items():
         check = getattr(cls, "check_recipe", None)
         if check is not None:
-            errors.extend(f"{section}: {e}" for e in check(config, checked))
+            errors.extend(type(e)(f"{section}: {e}") for e in check(config, checked))
     errors.extend(_structure_errors(checked))
     if recipe is not None:
         errors.extend(host.validate_recipe(to_plain(recipe)))
+    warnings = [e for e in errors if isinstance(e, RecipeWarning)]
+    errors = [e for e in errors if not isinstance(e, RecipeWarning)]
+    for warning in warnings:
+        log.warning("%s: %s", source, warning)
     if errors:
         raise RecipeError(errors)
     return recipe, host
