@@ -80,6 +80,8 @@ def test_distill_check_prints_all_three_mistakes_and_exits_2(tmp_path, capsys):
         "objective": {"name": "not_an_objective"},
         "temperature": {"name": "constant", "valu": 2.0},
         "training": {"lr": "fast"},
+        "student": {"vocab_size": 100},
+        "teacher": {"vocab_size": 100},
     })
     assert main(["check", str(recipe)]) == 2
     err = capsys.readouterr().err

@@ -76,8 +76,17 @@ def _structure_errors(recipe: Recipe) -> list[str]:
                           f"{spec.max_position_embeddings}")
     if recipe.parallel.sequence_parallel and tp == 1:
         errors.append("parallel.sequence_parallel=true needs parallel.tensor > 1")
-    if recipe.data.kind in ("jsonl", "indexed") and not recipe.data.paths:
-        errors.append(f"data.kind={recipe.data.kind!r} needs data.paths")
+    data = recipe.data
+    if data.kind in ("jsonl", "indexed") and not data.paths:
+        errors.append(f"data.kind={data.kind!r} needs data.paths (jsonl files or indexed-dataset prefixes)")
+    if data.kind == "jsonl" and not data.tokenizer:
+        errors.append("data.kind='jsonl' tokenizes raw text and needs data.tokenizer (a tokenizers JSON file "
+                      "or a Hugging Face tokenizer directory)")
+    has_vocab = data.tokenizer or data.kind == "embedded"
+    for role, spec in (("student", recipe.student), ("teacher", recipe.teacher)):
+        if spec.vocab_size is None and not (spec.hf or spec.megatron) and not has_vocab:
+            errors.append(f"{role}.vocab_size is not set and there is no data.tokenizer to take it from; "
+                          f"set {role}.vocab_size")
     return errors
 
 
