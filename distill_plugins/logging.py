@@ -35,12 +35,24 @@ class _RankFilter(logging.Filter):
         return record.levelno >= logging.WARNING
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (so redirection and capture work)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     """Install the rank-aware handler on the ``distill_plugins`` logger (idempotent)."""
     global _CONFIGURED
     if _CONFIGURED:
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.addFilter(_RankFilter())
     handler.setFormatter(logging.Formatter("[%(asctime)s rank%(rank)s %(levelname)s] %(message)s", "%H:%M:%S"))
     root = logging.getLogger("distill_plugins")

@@ -90,6 +90,19 @@ def _structure_errors(recipe: Recipe) -> list[str]:
     return errors
 
 
+def resolve_auto_aligner(recipe: Recipe) -> str:
+    """The registered aligner ``aligner: auto`` stands for in ``recipe`` (see docs/aligners.md)."""
+    import os
+
+    from ..aligners.base import resolve_aligner_name
+
+    data = recipe.data
+    paths = [p for p in (data.tokenizer, data.teacher_tokenizer) if p]
+    readable = all(os.path.exists(p) or p.startswith("embedded:") for p in paths)
+    return resolve_aligner_name(data.tokenizer if readable else None, data.teacher_tokenizer if readable else None,
+                                recipe.student.vocab_size, recipe.teacher.vocab_size)
+
+
 def _best_effort_recipe(prepared: dict[str, Any]) -> Recipe:
     """A recipe of the sections that parse on their own (defaults elsewhere), for structure checks.
 
@@ -139,6 +152,12 @@ def validate_recipe_data(data: dict[str, Any], host=None, source: str = "recipe"
             part_configs[section] = (host.part_class(kind, name), config)
 
     checked = recipe if recipe is not None else _best_effort_recipe(prepared)
+    if checked.aligner.name == "auto":
+        resolved = resolve_auto_aligner(checked)
+        config, part_errors = host.registry("vocab_aligner").check_params(resolved, {}, "aligner")
+        errors.extend(part_errors)
+        if config is not None:
+            part_configs["aligner"] = (host.part_class("vocab_aligner", resolved), config)
     for section, (cls, config) in part_configs.items():
         check = getattr(cls, "check_recipe", None)
         if check is not None:
