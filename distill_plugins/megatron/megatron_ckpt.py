@@ -1,0 +1,281 @@
+"""megatron-core distributed checkpoints of a GPTModel, loadable under a different TP/PP.
+
+Design
+------
+Saving uses the model's ``sharded_state_dict()`` and
+``megatron.core.dist_checkpointing.save``: every tensor is stored with its
+global shape and each rank's offsets, so loading under another TP/PP is
+megatron's resharding (``dist_checkpointing.load`` reads the overlapping parts
+of the saved shards for each rank's ``sharded_state_dict()``). Beside the
+weights, rank 0 writes ``distill_model.json``: the :class:`ModelSpec`, the real
+and padded vocabulary and the layout it was saved with. ``distill check`` and
+``teacher: {megatron: path}`` read only that file to learn the model's shape.
+
+One thing megatron does not reshard: the *padded* vocabulary depends on TP
+(``ceil(V / (divisor * TP)) * divisor * TP``), so the embedding and output
+layer can have a different global row count at load time. Then
+:func:`load_megatron_checkpoint` loads those two tensors whole (each rank holds
+the saved ``[V_padded_saved, h]`` tensor for a moment), keeps its own rows and
+zeroes the padding. Every other tensor is read as this rank's slice only.
+
+Accepted paths: a ``dist_checkpointing`` directory (``metadata.json`` +
+``common.pt`` + ``*.distcp``), or a distill_plugins run checkpoint
+(``step_N/``) that holds one in ``model_dist/``.
+
+Limits: checkpoints written by Megatron-LM's ``pretrain_gpt.py`` have no
+``distill_model.json``; write one by hand (format: :class:`CheckpointMeta`) to
+use them. The TE and local layer specs share the same sharded keys (megatron
+maps the fused-norm names), so either can load the other's checkpoint.
+
+Usage::
+
+    save_megatron_checkpoint(model, "ckpt/teacher")            # collective
+    ...                                                        # later, any TP/PP
+    spec = read_checkpoint_spec("ckpt/teacher")
+    model = models.build_gpt_model(spec, parallel, cpu=True)
+    load_megatron_checkpoint(model, "ckpt/teacher")            # collective
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import queue
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..errors import DistillError
+from ..logging import get_logger
+from ..recipe.schema import ModelSpec
+
+__all__ = ["META_FILE", "CheckpointMeta", "save_megatron_checkpoint", "load_megatron_checkpoint",
+           "read_checkpoint_meta", "read_checkpoint_spec", "resolve_checkpoint_dir"]
+
+log = get_logger(__name__)
+
+META_FILE = "distill_model.json"
+_VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What ``distill_model.json`` records.
+
+    Attributes:
+        spec: the model spec (shape keys; ``hf``/``megatron``/``checkpoint`` cleared).
+        vocab_size: real vocabulary.
+        padded_vocab_size: embedding rows as saved.
+        make_vocab_size_divisible_by: the divisor used for padding.
+        tensor, pipeline: layout it was saved with (informational).
+        precision: ``fp32``/``bf16``/``fp16`` of the saved parameters.
+        family: HF family to export to (``llama``, ``mistral``, ``qwen2``, ``gpt2``) if known.
+    """
+
+    spec: ModelSpec
+    vocab_size: int
+    padded_vocab_size: int
+    make_vocab_size_divisible_by: int = 128
+    tensor: int = 1
+    pipeline: int = 1
+    precision: str = "fp32"
+    family: Optional[str] = None
+
+    def to_json(self) -> dict[str, Any]:
+        spec = {f.name: getattr(self.spec, f.name) for f in dataclasses.fields(self.spec)}
+        spec.update(hf=None, megatron=None, checkpoint=None)
+        return {"format": 1, "spec": spec, "vocab_size": self.vocab_size, "padded_vocab_size": self.padded_vocab_size,
+                "make_vocab_size_divisible_by": self.make_vocab_size_divisible_by, "tensor": self.tensor,
+                "pipeline": self.pipeline, "precision": self.precision, "family": self.family}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> "CheckpointMeta":
+        from ..config import parse_dataclass
+
+        spec, errors = parse_dataclass(ModelSpec, data.get("spec", {}), f"{where}: spec")
+        if errors:
+            raise DistillError(f"{where}: invalid model spec: " + "; ".join(errors))
+        try:
+            return cls(spec=spec, vocab_size=int(data["vocab_size"]), padded_vocab_size=int(data["padded_vocab_size"]),
+                       make_vocab_size_divisible_by=int(data.get("make_vocab_size_divisible_by", 128)),
+                       tensor=int(data.get("tensor", 1)), pipeline=int(data.get("pipeline", 1)),
+                       precision=str(data.get("precision", "fp32")), family=data.get("family"))
+        except KeyError as exc:
+            raise DistillError(f"{where}: missing key {exc}") from exc
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+    """The ``dist_checkpointing`` directory for ``path`` (itself, or its ``model_dist/``).
+
+    Raises:
+        DistillError: ``path`` is neither.
+    """
+    if not os.path.isdir(path):
+        raise DistillError(f"megatron checkpoint {path!r} does not exist")
+    sub = os.path.join(path, "model_dist")
+    if os.path.isdir(sub):
+        return sub
+    if os.path.isfile(os.path.join(path, "metadata.json")) and any(
+            n.endswith(".distcp") or n == "common.pt" for n in os.listdir(path)):
+        return path
+    raise DistillError(f"{path!r} is not a megatron dist_checkpointing directory (no metadata.json + *.distcp) "
+                       "and has no model_dist/ subdirectory")
+
+
+def read_checkpoint_meta(path: str) -> CheckpointMeta:
+    """Read ``distill_model.json`` of a checkpoint (the dist directory or its parent run checkpoint).
+
+    Reads no weights.
+    """
+    candidates = [os.path.join(path, META_FILE)]
+    try:
+        candidates.append(os.path.join(resolve_checkpoint_dir(path), META_FILE))
+    except DistillError:
+        pass
+    for cand in candidates:
+        if os.path.isfile(cand):
+            with open(cand, encoding="utf-8") as fh:
+                return CheckpointMeta.from_json(json.load(fh), cand)
+    raise DistillError(f"megatron checkpoint {path!r} has no {META_FILE}: it was not written by "
+                       "distill_plugins.megatron.megatron_ckpt.save_megatron_checkpoint; add the file by hand "
+                       "(see docs/models.md) so its shape is known")
+
+
+def read_checkpoint_spec(path: str) -> ModelSpec:
+    """The :class:`ModelSpec` saved with a checkpoint (``vocab_size`` set to the real vocabulary)."""
+    meta = read_checkpoint_meta(path)
+    return dataclasses.replace(meta.spec, vocab_size=meta.vocab_size)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while not hasattr(model, "distill_layout") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@contextlib.contextmanager
+def _in_process_results_queue():
+    """Let a *synchronous* torch_dist save skip megatron's ``multiprocessing.Manager``.
+
+    megatron's writer reports results through a queue made by a spawned Manager
+    process (for its async mode). A synchronous save puts and gets in this
+    process, so a plain queue does; starting the Manager costs seconds per
+    process (a fresh interpreter importing torch). The original is restored.
+    """
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    except ImportError:  # pragma: no cover - layout of older megatron-core
+        yield
+        return
+    if getattr(fa, "_results_queue", "absent") is not None:
+        yield
+        return
+    fa._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        fa._results_queue = None
+
+
+def save_megatron_checkpoint(model: torch.nn.Module, path: str, *, make_vocab_size_divisible_by: int = 128,
+                             precision: Optional[str] = None, family: Optional[str] = None) -> str:
+    """Save ``model`` with ``dist_checkpointing`` plus ``distill_model.json``; call on every rank.
+
+    Args:
+        model: a model from :func:`distill_plugins.megatron.models.build_gpt_model`.
+        path: target directory (created; must be empty or absent).
+        make_vocab_size_divisible_by: the divisor the model was padded with (recorded).
+        precision: recorded precision; default from the parameters' dtype.
+        family: HF family to export to later (recorded).
+    """
+    from megatron.core import dist_checkpointing
+
+    from .models import model_layout
+
+    inner = _unwrap(model)
+    layout = model_layout(inner)
+    rank0 = (not dist.is_initialized()) or dist.get_rank() == 0
+    if rank0:
+        os.makedirs(path, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    with _in_process_results_queue():
+        dist_checkpointing.save(inner.sharded_state_dict(), path, async_sharded_save=False)
+    if precision is None:
+        dtype = next(inner.parameters()).dtype
+        precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    if rank0:
+        meta = CheckpointMeta(spec=dataclasses.replace(layout.spec, vocab_size=layout.vocab_size, hf=None,
+                                                       megatron=None, checkpoint=None),
+                              vocab_size=layout.vocab_size, padded_vocab_size=layout.padded_vocab_size,
+                              make_vocab_size_divisible_by=make_vocab_size_divisible_by, tensor=layout.tp_size,
+                              pipeline=layout.pp_size, precision=precision, family=family)
+        with open(os.path.join(path, META_FILE), "w", encoding="utf-8") as fh:
+            json.dump(meta.to_json(), fh, indent=2)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+@torch.no_grad()
+def load_megatron_checkpoint(model: torch.nn.Module, path: str, *, strict: bool = True) -> None:
+    """Load a ``dist_checkpointing`` checkpoint into ``model`` under the current TP/PP; call on every rank.
+
+    Raises:
+        DistillError: not a checkpoint; a tensor whose global shape differs from
+            the model's (named, with both shapes) other than the vocabulary
+            padding; or megatron's load failing (its message is kept).
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from .models import model_layout
+
+    ckpt_dir = resolve_checkpoint_dir(path)
+    inner = _unwrap(model)
+    layout = model_layout(inner)
+    sharded = inner.sharded_state_dict()
+    saved = dist_checkpointing.load_tensors_metadata(ckpt_dir)
+    whole: dict[str, int] = {}  # state-dict name -> saved padded rows, for vocab tensors loaded whole
+    for name, sh in list(sharded.items()):
+        if not isinstance(sh, ShardedTensor) or sh.key not in saved:
+            continue
+        got = tuple(saved[sh.key].global_shape)
+        want = tuple(sh.global_shape)
+        if got == want:
+            continue
+        if sh.key in _VOCAB_KEYS and got[1:] == want[1:] and got[0] >= layout.vocab_size:
+            buf = torch.empty(got, dtype=sh.data.dtype)
+            sharded[name] = ShardedTensor.from_rank_offsets(sh.key, buf, replica_id=sh.replica_id)
+            whole[name] = got[0]
+            continue
+        raise DistillError(f"{ckpt_dir}: tensor {sh.key!r} was saved with global shape {got} but the model "
+                           f"expects {want}; the model spec does not match the checkpoint")
+    missing = [sh.key for sh in sharded.values() if isinstance(sh, ShardedTensor) and sh.key not in saved]
+    if missing:
+        raise DistillError(f"{ckpt_dir}: the checkpoint lacks {len(missing)} tensor(s) the model needs: "
+                           f"{missing[:6]}{' ...' if len(missing) > 6 else ''}")
+    try:
+        state = dist_checkpointing.load(sharded, ckpt_dir)
+    except Exception as exc:  # megatron raises assorted types; keep its message
+        raise DistillError(f"loading megatron checkpoint {ckpt_dir} failed: {type(exc).__name__}: {exc}") from exc
+    params = dict(inner.named_parameters())
+    for name in whole:
+        full = state[name]
+        local_rows = params[name].shape[0]
+        start = layout.tp_rank * local_rows
+        out = torch.zeros_like(params[name])
+        stop = min(start + local_rows, layout.vocab_size)
+        if stop > start:
+            out[: stop - start] = full[start:stop]
+        state[name] = out
+        del full
+    inner.load_state_dict(state, strict=strict)
+    from .hf_import import ensure_tp_attributes
+
+    ensure_tp_attributes(inner)
+    log.info("loaded megatron checkpoint %s (TP=%d, PP=%d)", ckpt_dir, layout.tp_size, layout.pp_size)
