@@ -44,7 +44,7 @@ from typing import Iterable, Optional, Sequence
 
 from .config import parse_dataclass
 from .errors import DistillError, RecipeError
-from .recipe.schema import PART_SECTIONS, ModelSpec, Recipe
+from .recipe.schema import PART_SECTIONS, ModelSpec, Recipe, padded_vocab_size
 
 GIB = 1 << 30
 #: bytes per parameter or activation element by training precision
@@ -142,12 +142,6 @@ def resolve_shape(role: str, spec: ModelSpec, warnings: list[str]) -> ModelShape
 # ---------------------------------------------------------------------------
 # Parameter counts
 # ---------------------------------------------------------------------------
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tensor: int) -> int:
-    """Megatron's padding: ``ceil(V / (d * TP)) * d * TP``."""
-    multiple = divisible_by * tensor
-    return -(-vocab_size // multiple) * multiple
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ import torch
 from ..errors import InputError
 from ..interfaces import PartConfig
 from ..parallel import group_size, vocab_shard_start
+from ..recipe.schema import padded_vocab_size
 from ._tp import gather_vocab
 from .base import AlignerBase
 
@@ -42,12 +43,6 @@ __all__ = ["IdentityAligner", "padded_vocab_size", "common_padded_vocab_size", "
 
 CROSS_TOKENIZER_HINT = ("use a cross-tokenizer aligner instead: `aligner: {name: dskd, objective: forward_kl}` "
                         "(or eta, uld), with data.tokenizer and data.teacher_tokenizer set")
-
-
-def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_parallel: int = 1) -> int:
-    """Megatron's padding: the next multiple of ``make_vocab_size_divisible_by * tensor_parallel``."""
-    multiple = make_vocab_size_divisible_by * tensor_parallel
-    return -(-vocab_size // multiple) * multiple
 
 
 def common_padded_vocab_size(student_padded: int, teacher_padded: int, tensor_parallel: int = 1) -> int:

@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from ..recipe.schema import ModelSpec, ParallelSpec
+from ..recipe.schema import ModelSpec, ParallelSpec, padded_vocab_size
 
 __all__ = ["ModelInfo", "describe_model", "count_parameters", "vocab_mismatch_error"]
 
@@ -142,8 +142,7 @@ def describe_model(spec: ModelSpec, parallel: ParallelSpec, *, role: str = "mode
     padded = None
     params = None
     if vocab is not None:
-        multiple = parallel.make_vocab_size_divisible_by * parallel.tensor
-        padded = int(math.ceil(vocab / multiple) * multiple)
+        padded = padded_vocab_size(vocab, parallel.make_vocab_size_divisible_by, parallel.tensor)
         params = count_parameters(resolved, vocab)
     return ModelInfo(role=role, source=source, family=family, spec=resolved, vocab_size=vocab,
                      padded_vocab_size=padded, num_parameters=params, tensor=parallel.tensor)

@@ -71,6 +71,18 @@ class ModelSpec:
 # ---------------------------------------------------------------------------
 
 
+def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_parallel: int = 1) -> int:
+    """Megatron's padded vocabulary: ``ceil(V / (d * TP)) * d * TP``.
+
+    Student and teacher use the same value (same TP, same divisor) so their
+    logits share one vocab partition. The one definition every module uses.
+    """
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be > 0, got {vocab_size}")
+    multiple = make_vocab_size_divisible_by * tensor_parallel
+    return -(-vocab_size // multiple) * multiple
+
+
 @dataclass(frozen=True, kw_only=True)
 class ParallelSpec:
     """Model parallelism; the data-parallel size is world_size / (tensor * pipeline)."""
