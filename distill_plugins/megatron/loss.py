@@ -1,0 +1,239 @@
+"""Loss glue: selector, temperature policy and objective over vocab-parallel logits.
+
+Design
+------
+For one microbatch on the last pipeline stage, :func:`distill_loss` takes the
+student's and teacher's logits ``[b, s, V_local]`` (this TP rank's slice of the
+padded vocabulary), the pre-shifted labels ``[b, s]`` and an optional loss mask,
+and does, in this order::
+
+    flatten to [N, V_local]; drop masked rows (label == -100 or mask == 0)
+    selection = selector.select(TokenContext(valid rows))
+    keep the selected rows
+    tau       = policy.temperatures(TokenContext(kept rows), selection)
+    per_token = objective(kept student, kept teacher, temperature=tau, tp_group, vocab_size)
+    per_token *= tau**2                      if policy.scale_loss_by_tau_squared
+    kd_sum    = sum(per_token);  kd_count = kept tokens ("kept") or valid tokens ("all")
+
+Optional cross-entropy mix (``ce_weight > 0``): megatron-core's
+``vocab_parallel_cross_entropy`` on the valid rows, with padded vocabulary
+columns at -inf. That function overwrites fp32 input logits in place (``.float()``
+of an fp32 tensor is the same tensor), so it always receives a private copy and
+runs *after* the distillation loss; ``tests/test_megatron_loss.py`` catches a
+regression.
+
+Reduction: the function returns *sums* and *counts*, never means. The value
+back-propagated is ``kd_weight * kd_sum + ce_weight * ce_sum`` and the count is
+the KD normaliser (``kd_count``; the valid-token count when ``kd_weight == 0``).
+megatron's schedule (``calculate_per_token_loss=True``) adds the counts of all
+microbatches, ``finalize_model_grads`` all-reduces them over data-parallel
+ranks and divides the gradients by the total, so the step's loss is normalised
+by the *global* token count of the step whatever the TP/PP/DP split. With a
+selector that normalises by kept tokens *and* a CE mix, the CE sum is divided by
+that same (kept) count; the logged ``ce_loss`` is always the exact token mean.
+
+A microbatch with no valid token (or none kept) contributes zero with count 0
+(no NaN) and is counted in ``report["empty_microbatches"]``.
+
+Non-finite logits (NaN/Inf in a valid row of either model, on any TP rank) are
+checked before any part runs: the microbatch then contributes zero with count 0
+and ``report["nonfinite"] = 1``, and the training loop skips the step on every
+rank (objectives would otherwise raise on NaN input on some ranks only).
+
+The report holds fp64 sums that add across microbatches and ranks:
+``kd_sum``, ``kd_count``, ``ce_sum``, ``ce_count``, ``valid_tokens``,
+``kept_tokens``, ``total_tokens``, ``empty_microbatches``, ``nonfinite``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..errors import DistillError
+from ..interfaces import Objective, Selection, TemperaturePolicy, TokenContext, TokenSelector
+from ..parallel import masked_logits_fp32
+
+__all__ = ["LossParts", "distill_loss", "REPORT_KEYS", "build_loss_parts", "cross_entropy_sum"]
+
+IGNORE_INDEX = -100
+
+#: Keys of the per-microbatch report, all additive.
+REPORT_KEYS = ("kd_sum", "kd_count", "ce_sum", "ce_count", "valid_tokens", "kept_tokens", "total_tokens",
+               "empty_microbatches", "nonfinite")
+
+
+@dataclass
+class LossParts:
+    """The parts and weights :func:`distill_loss` applies.
+
+    Attributes:
+        objective: the distillation objective.
+        selector: token selector, or None for "keep every valid token".
+        temperature: temperature policy, or None for a constant 1.
+        kd_weight: weight of the distillation loss.
+        ce_weight: weight of the student's cross-entropy on labels.
+    """
+
+    objective: Objective
+    selector: Optional[TokenSelector] = None
+    temperature: Optional[TemperaturePolicy] = None
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+
+    def stateful(self) -> dict[str, Any]:
+        """Parts by recipe section name (for checkpoints and ``on_optimizer_step``)."""
+        parts = {"objective": self.objective, "selector": self.selector, "temperature": self.temperature}
+        return {k: v for k, v in parts.items() if v is not None}
+
+
+def build_loss_parts(recipe, host) -> LossParts:
+    """Build the recipe's objective, selector and temperature policy through the plugin host.
+
+    Raises:
+        DistillError: the selector needs a reference model (not supported by the engine yet).
+    """
+    objective = host.build("objective", recipe.objective.name, dict(recipe.objective.params))
+    selector = host.build("token_selector", recipe.selector.name, dict(recipe.selector.params))
+    policy = host.build("temperature_policy", recipe.temperature.name, dict(recipe.temperature.params))
+    if getattr(selector, "needs_reference_model", False):
+        raise DistillError(f"selector {recipe.selector.name!r} needs a reference model, which the megatron engine "
+                           "does not run yet; pick another selector")
+    return LossParts(objective=objective, selector=selector, temperature=policy,
+                     kd_weight=recipe.loss.kd_weight, ce_weight=recipe.loss.ce_weight)
+
+
+def cross_entropy_sum(student_logits: torch.Tensor, labels: torch.Tensor, *, tp_group: Any,
+                      vocab_size: Optional[int]) -> torch.Tensor:
+    """Sum of the student's cross-entropy over rows ``[N, V_local]`` with global label ids ``[N]``.
+
+    Uses megatron's ``vocab_parallel_cross_entropy`` on a private fp32 copy with
+    padded columns at -inf (the function works in place on its input). Needs
+    megatron's parallel_state when ``tp_group`` is not None.
+    """
+    if student_logits.shape[0] == 0:
+        return student_logits.float().sum() * 0.0
+    x = masked_logits_fp32(student_logits, tp_group, vocab_size)
+    if x.data_ptr() == student_logits.data_ptr():
+        x = x.clone()  # never let megatron overwrite the caller's logits
+    if tp_group is None:
+        return torch.nn.functional.cross_entropy(x, labels, reduction="sum")
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    # megatron expects [s, b, V_local] / [s, b]; a [N, 1] batch is the same thing.
+    per_token = vocab_parallel_cross_entropy(x.unsqueeze(1), labels.unsqueeze(1))
+    return per_token.sum()
+
+
+def _any_nonfinite(student: torch.Tensor, teacher: torch.Tensor, tp_group: Any) -> bool:
+    """Whether any valid row of either model has a NaN/Inf logit on *any* TP rank (collective over TP)."""
+    flag = torch.tensor([0.0 if bool(torch.isfinite(student.detach()).all() and torch.isfinite(teacher).all())
+                         else 1.0], device=student.device)
+    if tp_group is not None and torch.distributed.get_world_size(tp_group) > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=tp_group)
+    return bool(flag.item() > 0)
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    # Keeps the graph connected to the student logits (so backward works) with value 0.
+    return like.float().sum() * 0.0
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    parts: LossParts,
+    *,
+    loss_mask: Optional[torch.Tensor] = None,
+    tp_group: Any = None,
+    vocab_size: Optional[int] = None,
+    step: int = 0,
+    total_steps: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Distillation (+ optional CE) loss of one microbatch.
+
+    Args:
+        student_logits: ``[..., V_local]`` vocab-parallel student logits (grad).
+        teacher_logits: ``[..., V_local]`` same partition, no grad needed.
+        labels: ``[...]`` global next-token ids, ``-100`` = no loss.
+        parts: objective, selector, policy and weights.
+        loss_mask: optional ``[...]`` 0/1 mask ANDed with ``labels != -100``.
+        tp_group: the TP group the vocabulary is sharded over (None = unsharded).
+        vocab_size: real vocabulary size (padding columns excluded).
+        step, total_steps: optimizer steps done / planned (for schedules).
+
+    Returns:
+        ``(loss_sum, count, report)``: ``loss_sum`` a differentiable fp32 scalar,
+        ``count`` an int64 scalar (the normaliser), ``report`` additive fp64
+        scalars (see module docstring).
+    """
+    v_local = student_logits.shape[-1]
+    if teacher_logits.shape != student_logits.shape:
+        raise DistillError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                           f"{tuple(teacher_logits.shape)} differ: the models need the same padded vocabulary")
+    s_all = student_logits.reshape(-1, v_local)
+    t_all = teacher_logits.reshape(-1, v_local).detach()
+    lab_all = labels.reshape(-1)
+    valid = lab_all != IGNORE_INDEX
+    if loss_mask is not None:
+        valid = valid & loss_mask.reshape(-1).bool()
+    idx = valid.nonzero(as_tuple=True)[0]
+    n_valid = int(idx.numel())
+    f64 = dict(dtype=torch.float64, device=student_logits.device)
+    report = {k: torch.zeros((), **f64) for k in REPORT_KEYS}
+    report["total_tokens"] += lab_all.numel()
+    report["valid_tokens"] += n_valid
+
+    if n_valid > 0 and _any_nonfinite(s_all[idx], t_all[idx], tp_group):
+        # Objectives reject NaN logits with an error; here the step is flagged instead, so the
+        # training loop can skip it on every rank together (TP ranks agree through the MAX above).
+        report["nonfinite"] += 1
+        zero = _zero(s_all)
+        return zero, torch.tensor(0, dtype=torch.int64, device=zero.device), report
+
+    kd_sum = _zero(s_all)
+    kd_count = 0
+    if parts.kd_weight > 0 and n_valid > 0:
+        s, t, lab = s_all[idx], t_all[idx], lab_all[idx]
+        ctx = TokenContext(student_logits=s, teacher_logits=t, tp_group=tp_group, vocab_size=vocab_size,
+                           labels=lab, step=step, total_steps=total_steps)
+        selection = parts.selector.select(ctx) if parts.selector is not None else Selection(
+            keep=torch.ones(n_valid, dtype=torch.bool, device=s.device))
+        keep = selection.keep.to(device=s.device, dtype=torch.bool)
+        if keep.shape != (n_valid,):
+            raise DistillError(f"selector {getattr(parts.selector, 'name', '')!r} returned keep of shape "
+                               f"{tuple(keep.shape)} for {n_valid} tokens")
+        n_kept = int(keep.sum())
+        if n_kept < n_valid:
+            kidx = keep.nonzero(as_tuple=True)[0]
+            ctx = TokenContext(student_logits=s[kidx], teacher_logits=t[kidx], tp_group=tp_group,
+                               vocab_size=vocab_size, labels=lab[kidx], step=step, total_steps=total_steps)
+        report["kept_tokens"] += n_kept
+        if n_kept > 0:
+            tau = parts.temperature.temperatures(ctx, selection) if parts.temperature is not None else 1.0
+            per_token = parts.objective(ctx.student_logits, ctx.teacher_logits, temperature=tau,
+                                        tp_group=tp_group, vocab_size=vocab_size)
+            if parts.temperature is not None and getattr(parts.temperature, "scale_loss_by_tau_squared", False):
+                tau_t = tau if isinstance(tau, torch.Tensor) else torch.tensor(float(tau))
+                per_token = per_token * tau_t.to(per_token).detach() ** 2
+            kd_sum = per_token.float().sum()
+        kd_count = n_kept if selection.normalize_by == "kept" else n_valid
+
+    ce_sum = _zero(s_all)
+    if parts.ce_weight > 0 and n_valid > 0:
+        # After the KD loss, on a private copy: megatron's CE overwrites fp32 logits in place.
+        ce_sum = cross_entropy_sum(s_all[idx], lab_all[idx], tp_group=tp_group, vocab_size=vocab_size)
+        report["ce_count"] += n_valid
+    count = kd_count if parts.kd_weight > 0 else n_valid
+    if count == 0:
+        report["empty_microbatches"] += 1
+    report["kd_sum"] += kd_sum.detach().double()
+    report["kd_count"] += kd_count
+    report["ce_sum"] += ce_sum.detach().double()
+    loss = parts.kd_weight * kd_sum + parts.ce_weight * ce_sum
+    if not bool(torch.isfinite(loss.detach())):
+        report["nonfinite"] += 1
+    return loss, torch.tensor(count, dtype=torch.int64, device=loss.device), report

@@ -1,0 +1,209 @@
+"""Student and frozen teacher under one megatron pipeline schedule.
+
+Design
+------
+megatron's non-interleaved 1F1B schedule sends one tensor ``[s, b, h]`` between
+stages. :class:`DistillStage` wraps this rank's student stage and teacher stage
+so that tensor carries both models' hidden states, concatenated along the
+hidden dimension: ``[s, b, h_student + h_teacher]``.
+
+* ``set_input_tensor(x)`` (called by the schedule on non-first stages) splits
+  ``x`` into the student half (keeps its grad, so the schedule can send the
+  gradient back) and the teacher half (detached).
+* ``forward`` runs the teacher stage under ``torch.no_grad()`` and the student
+  stage normally. A non-last stage returns ``cat([h_student, h_teacher], -1)``;
+  its gradient is non-zero only in the student half. The last stage returns
+  ``(student_logits, teacher_logits)``, both ``[b, s, V_local]`` and
+  vocab-parallel; the schedule hands them to the loss function.
+* The send/receive shape is set with the schedule's ``adjust_tensor_shapes_fn``
+  (:func:`pipeline_tensor_shapes`), so the models' own configs stay untouched.
+
+The teacher is *not* a registered submodule (it is kept in a plain list), so
+``parameters()``, DDP buckets, the optimizer and ``state_dict()`` /
+``sharded_state_dict()`` see the student only; the student is the ``module``
+attribute, so megatron's ``get_attr_wrapped_model`` unwraps to it
+(``shared_embedding_or_output_weight``, ``pre_process``, ...).
+
+Interleaved (virtual) pipeline schedules are rejected: a virtual stage would
+have to hold interleaved chunks of two models with different depths.
+
+Usage::
+
+    stage = DistillStage(student, teacher)
+    ddp = DistributedDataParallel(student.config, ddp_config, stage)
+    losses = forward_backward(ddp, batches, loss_fn, num_microbatches=4, seq_length=32, micro_batch_size=2)
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from ..errors import RecipeError
+
+__all__ = ["DistillStage", "pipeline_tensor_shapes", "forward_backward", "check_schedule", "position_ids_for"]
+
+
+def _megatron_module():
+    from megatron.core.transformer.module import MegatronModule
+
+    return MegatronModule
+
+
+class DistillStage(_megatron_module()):  # type: ignore[misc]
+    """One pipeline stage holding the student (trainable) and the teacher (frozen).
+
+    Args:
+        student: this rank's student GPTModel stage.
+        teacher: this rank's teacher GPTModel stage (frozen).
+    """
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module):
+        super().__init__(config=student.config)
+        self.module = student
+        self._teacher = [teacher]  # a list hides it from nn.Module registration
+        self.student_hidden = student.config.hidden_size
+        self.teacher_hidden = teacher.config.hidden_size
+        # No pre_process/post_process attributes here: megatron's finalize_model_grads
+        # looks them up to find the module owning the embeddings, which is the student.
+        self.first_stage = student.pre_process
+        self.last_stage = student.post_process
+        if (teacher.pre_process, teacher.post_process) != (self.first_stage, self.last_stage):
+            raise RecipeError("student and teacher disagree on first/last pipeline stage")
+        self.model_type = getattr(student, "model_type", None)
+
+    @property
+    def student(self) -> torch.nn.Module:
+        return self.module
+
+    @property
+    def teacher(self) -> torch.nn.Module:
+        return self._teacher[0]
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the tensor sent between stages: student hidden + teacher hidden."""
+        return self.student_hidden + self.teacher_hidden
+
+    # -- what megatron's schedule calls ----------------------------------------
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, list):
+            assert len(input_tensor) == 1, "DistillStage takes one pipeline tensor"
+            input_tensor = input_tensor[0]
+        if input_tensor is None:
+            self.student.set_input_tensor(None)
+            self.teacher.set_input_tensor(None)
+            return
+        if input_tensor.shape[-1] != self.hidden_size:
+            raise RuntimeError(f"pipeline tensor has width {input_tensor.shape[-1]}, expected "
+                               f"{self.student_hidden} (student) + {self.teacher_hidden} (teacher)")
+        self.student.set_input_tensor(input_tensor[..., : self.student_hidden])
+        self.teacher.set_input_tensor(input_tensor[..., self.student_hidden:].detach())
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask=None):
+        self.teacher.eval()
+        with torch.no_grad():
+            t_out = self.teacher(input_ids, position_ids, attention_mask)
+        s_out = self.student(input_ids, position_ids, attention_mask)
+        if self.last_stage:
+            return s_out, t_out
+        return torch.cat([s_out, t_out.to(s_out.dtype)], dim=-1)
+
+    # -- checkpoints see the student only --------------------------------------
+    def state_dict(self, *args, **kwargs):
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
+        return self.module.load_state_dict(state_dict, strict=strict, **kwargs)
+
+    def sharded_state_dict(self, prefix: str = "", *args, **kwargs):
+        return self.module.sharded_state_dict(prefix, *args, **kwargs)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher never leaves eval mode
+        return self
+
+
+def pipeline_tensor_shapes(stage_hidden: int) -> Callable:
+    """An ``adjust_tensor_shapes_fn`` replacing the hidden size of every P2P shape."""
+
+    def adjust(recv_shapes, send_shapes):
+        fix = lambda shapes: [(s[0], s[1], stage_hidden) for s in shapes]  # noqa: E731
+        return fix(recv_shapes), fix(send_shapes)
+
+    return adjust
+
+
+def check_schedule(virtual_pipeline: Optional[int]) -> None:
+    """Reject interleaved pipeline schedules with a clear error."""
+    if virtual_pipeline is not None:
+        raise RecipeError(f"parallel.virtual_pipeline={virtual_pipeline}: interleaved pipeline schedules are not "
+                          "supported with a co-located teacher; remove the key")
+
+
+def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
+    """``[b, s]`` positions ``0..s-1`` for every sequence."""
+    b, s = tokens.shape
+    return torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+
+
+def _stage_of(model: torch.nn.Module) -> DistillStage:
+    m = model
+    while not isinstance(m, DistillStage):
+        m = m.module
+    return m
+
+
+def forward_backward(
+    model: torch.nn.Module,
+    batches: Iterator[dict[str, torch.Tensor]],
+    loss_fn: Callable[[dict[str, torch.Tensor], Any], tuple],
+    *,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_only: bool = False,
+) -> list[dict[str, torch.Tensor]]:
+    """Run one step's microbatches through megatron's (non-interleaved) schedule.
+
+    Args:
+        model: the DDP-wrapped :class:`DistillStage` (or a bare one).
+        batches: this rank's microbatches (every pipeline stage reads the same
+            ones; only the first uses tokens and only the last uses labels).
+        loss_fn: ``loss_fn(batch, (student_logits, teacher_logits)) ->
+            (loss_sum, count, report)``; called on the last stage only.
+        num_microbatches, seq_length, micro_batch_size: the step's shape.
+        forward_only: no backward (evaluation).
+
+    Returns:
+        The per-microbatch reports (last pipeline stage; empty elsewhere).
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    stage = _stage_of(model)
+
+    def forward_step(data_iterator, m):
+        batch = next(data_iterator)
+        tokens = batch["tokens"]
+        out = m(tokens, batch.get("position_ids", position_ids_for(tokens)), None)
+        return out, partial(loss_fn, batch)
+
+    from megatron.core import parallel_state as ps
+
+    fb = get_forward_backward_func()
+    extra = {}
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        extra["adjust_tensor_shapes_fn"] = pipeline_tensor_shapes(stage.hidden_size)
+    return fb(
+        forward_step_func=forward_step,
+        data_iterator=batches,
+        model=[model],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+        **extra,
+    )

@@ -1,0 +1,102 @@
+"""The co-located, frozen teacher.
+
+Design
+------
+The teacher is a megatron-core GPTModel built like the student
+(:func:`distill_plugins.megatron.models.build_gpt_model`) on the same TP/PP
+groups, split over the same pipeline stages (each stage holds its own share of
+the teacher's layers, which may differ from the student's), then frozen:
+
+* ``eval()`` mode and ``requires_grad=False`` on every parameter;
+* never wrapped in DDP, never handed to the optimizer (so no optimizer state);
+* never part of the student's state dict: :class:`~distill_plugins.megatron.pipeline.DistillStage`
+  keeps it outside its module tree, so checkpoints hold the student only.
+
+Weights come from, in order: ``teacher.hf`` (Hugging Face import,
+``distill_plugins.megatron.hf_import.load_hf_weights``), ``teacher.megatron`` (a
+megatron-core distributed checkpoint) or ``teacher.checkpoint`` (a distill_plugins
+run checkpoint saved with ``model_dist/``), both through
+``distill_plugins.megatron.megatron_ckpt.load_megatron_checkpoint``, else a deterministic random initialisation from the recipe seed
+(useful only for tests and dry runs; a warning says so).
+
+Usage::
+
+    teacher = build_teacher(recipe.teacher, recipe.parallel, vocab_size=V, precision="fp32", cpu=True, seed=1)
+    assert_frozen(teacher)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Optional
+
+import torch
+
+from ..errors import DistillError
+from ..logging import get_logger
+from ..recipe.schema import ModelSpec, ParallelSpec
+from . import models
+
+__all__ = ["build_teacher", "freeze", "assert_frozen", "load_model_weights", "parameter_digest"]
+
+log = get_logger(__name__)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Put ``model`` in eval mode and switch off gradients of every parameter."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def assert_frozen(model: torch.nn.Module) -> None:
+    """Raise :class:`DistillError` if any parameter requires grad or the model is in train mode."""
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if trainable or model.training:
+        raise DistillError(f"teacher is not frozen: training={model.training}, trainable={trainable[:4]}")
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter's bytes, in name order (bit-identity checks)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_model_weights(model: torch.nn.Module, spec: ModelSpec, *, seed: int, who: str) -> str:
+    """Load ``spec``'s weights (hf / megatron / checkpoint / random) into ``model``; returns the source used."""
+    if spec.hf:
+        try:
+            from . import hf_import
+        except ImportError as exc:
+            raise DistillError(f"{who}.hf={spec.hf!r}: Hugging Face import is not available ({exc})") from exc
+        loader = getattr(hf_import, "load_hf_weights", None)
+        if loader is None:
+            raise DistillError(f"{who}.hf={spec.hf!r}: distill_plugins.megatron.hf_import has no load_hf_weights()")
+        loader(model, spec.hf)
+        return f"hf:{spec.hf}"
+    if spec.megatron or spec.checkpoint:
+        from .megatron_ckpt import load_megatron_checkpoint
+
+        path = spec.megatron or spec.checkpoint
+        load_megatron_checkpoint(model, path)  # dist_checkpointing dir, or a run checkpoint with model_dist/
+        return f"{'megatron' if spec.megatron else 'checkpoint'}:{path}"
+    models.init_deterministic(model, seed)
+    return f"random(seed={seed})"
+
+
+def build_teacher(spec: ModelSpec, parallel: ParallelSpec, *, vocab_size: int, precision: str = "fp32",
+                  cpu: bool = False, seed: int = 1234, use_te: Optional[bool] = None) -> torch.nn.Module:
+    """Build, load and freeze this rank's pipeline stage of the teacher."""
+    teacher = models.build_gpt_model(spec, parallel, vocab_size=vocab_size, precision=precision, cpu=cpu,
+                                     use_te=use_te, who="teacher")
+    source = load_model_weights(teacher, spec, seed=seed, who="teacher")
+    if source.startswith("random"):
+        log.warning("teacher has no weights (teacher.hf / teacher.megatron / teacher.checkpoint unset): using a "
+                    "random teacher, which only makes sense for tests and dry runs")
+    else:
+        log.info("teacher weights from %s", source)
+    return freeze(teacher)

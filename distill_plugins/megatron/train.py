@@ -1,0 +1,387 @@
+"""The training loop: DDP, optimizer, LR schedule, NaN guard, progress and metrics.
+
+Design
+------
+:class:`Trainer` owns one rank's share of a distillation run:
+
+* ``model``: megatron's ``DistributedDataParallel`` around a
+  :class:`~distill_plugins.megatron.pipeline.DistillStage` (student trainable,
+  teacher frozen and outside DDP);
+* ``optimizer``: ``get_megatron_optimizer`` with an Adam ``OptimizerConfig``
+  (decoupled weight decay, gradient clipping, the distributed optimizer when
+  ``parallel.distributed_optimizer``);
+* ``scheduler``: megatron's ``OptimizerParamScheduler`` counting optimizer steps
+  (linear warm-up to ``training.lr``, then cosine/linear/constant decay to
+  ``training.min_lr`` at ``training.steps``);
+* ``parts``: the :class:`~distill_plugins.megatron.loss.LossParts`.
+
+One step (:meth:`Trainer.train_step`):
+
+1. zero the grad buffers; run the step's ``num_microbatches = global_batch /
+   (micro_batch * DP)`` microbatches through megatron's schedule
+   (:func:`~distill_plugins.megatron.pipeline.forward_backward`); the loss glue
+   returns (sum, count, report) per microbatch and megatron divides the
+   gradients by the step's global token count;
+2. reduce the reports: sum over microbatches, all-reduce over DP on the last
+   pipeline stage, broadcast over the pipeline group, so every rank holds the
+   same figures;
+3. NaN/Inf guard: a rank flags the step when its loss reports or its gradients
+   are non-finite; the flag is all-reduced (MAX) over *all* ranks, so either
+   every rank steps or every rank skips. A skipped step leaves parameters,
+   optimizer state and LR schedule untouched, is counted (``nonfinite_skips``)
+   and after ``training.max_consecutive_nonfinite`` skips in a row the run stops
+   with :class:`NonFiniteLossError`;
+4. otherwise advance the LR schedule and ``optimizer.step()`` (clipping);
+5. call every stateful part's ``on_optimizer_step(StepStats)`` with the
+   DP-reduced KD loss, the plugin hook ``distill_on_step_end`` (last stage's
+   first rank), log a progress line and append a line to ``metrics.jsonl``
+   (global rank 0).
+
+Usage::
+
+    trainer = Trainer.build(recipe, parts, cpu=True, data=my_iterator)
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..errors import DistillError, RecipeError
+from ..interfaces import StepStats
+from ..logging import get_logger
+from ..parallel import ParallelContext
+from ..recipe.schema import Recipe
+from . import models
+from .loss import REPORT_KEYS, LossParts, distill_loss
+from .pipeline import DistillStage, check_schedule, forward_backward
+from .teacher import build_teacher
+
+__all__ = ["Trainer", "StepResult", "NonFiniteLossError", "num_microbatches", "reduce_reports"]
+
+log = get_logger(__name__)
+
+
+class NonFiniteLossError(DistillError):
+    """Too many consecutive steps with NaN/Inf losses or gradients."""
+
+
+def num_microbatches(global_batch_size: int, micro_batch_size: int, dp_size: int) -> int:
+    """``global / (micro * DP)``; raises :class:`RecipeError` when it does not divide."""
+    per = micro_batch_size * dp_size
+    if global_batch_size % per:
+        raise RecipeError(f"training.global_batch_size={global_batch_size} is not a multiple of "
+                          f"training.micro_batch_size x data-parallel size = {micro_batch_size} x {dp_size}")
+    return global_batch_size // per
+
+
+@dataclass
+class StepResult:
+    """The figures of one optimizer step, identical on every rank."""
+
+    step: int
+    skipped: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def reduce_reports(reports: list[dict[str, torch.Tensor]], ctx: ParallelContext, *, is_last_stage: bool,
+                   device: Any = "cpu") -> dict[str, float]:
+    """Sum per-microbatch reports, all-reduce over DP, broadcast from the last pipeline stage.
+
+    Every rank calls it; the result is identical everywhere.
+    """
+    vec = torch.zeros(len(REPORT_KEYS), dtype=torch.float64, device=device)
+    if is_last_stage:
+        for r in reports:
+            vec += torch.stack([r[k].to(vec) for k in REPORT_KEYS])
+        if ctx.dp_group is not None and dist.get_world_size(ctx.dp_group) > 1:
+            dist.all_reduce(vec, group=ctx.dp_group)
+    if ctx.pp_group is not None and dist.get_world_size(ctx.pp_group) > 1:
+        last = dist.get_global_rank(ctx.pp_group, dist.get_world_size(ctx.pp_group) - 1)
+        dist.broadcast(vec, src=last, group=ctx.pp_group)
+    return {k: float(v) for k, v in zip(REPORT_KEYS, vec.tolist())}
+
+
+class Trainer:
+    """One rank's distillation run (see module docstring)."""
+
+    def __init__(self, *, recipe: Recipe, ctx: ParallelContext, model, stage: DistillStage, optimizer, scheduler,
+                 parts: LossParts, data: Iterator[dict[str, torch.Tensor]], vocab_size: int,
+                 host: Any = None, cpu: bool = False, output_dir: Optional[str] = None):
+        self.recipe, self.ctx, self.model, self.stage = recipe, ctx, model, stage
+        self.optimizer, self.scheduler, self.parts, self.data = optimizer, scheduler, parts, data
+        self.vocab_size, self.host, self.cpu = vocab_size, host, cpu
+        self.output_dir = output_dir if output_dir is not None else recipe.output_dir
+        t = recipe.training
+        self.num_microbatches = num_microbatches(t.global_batch_size, t.micro_batch_size, ctx.dp_size)
+        self.step = 0  # optimizer steps completed (skipped steps included)
+        self.nonfinite_skips = 0
+        self.consecutive_nonfinite = 0
+        self.empty_microbatches = 0
+        #: test hook: ``fn(step, student_logits) -> student_logits`` applied on the last stage.
+        self.logits_hook: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None
+        #: called after every step with the StepResult (checkpointing, signals, tests).
+        self.step_callbacks: list[Callable[["Trainer", StepResult], None]] = []
+        self._t0: Optional[float] = None
+        self._steps_timed = 0
+        self._tokens_timed = 0.0
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(cls, recipe: Recipe, parts: LossParts, *, ctx: ParallelContext, data: Iterator, vocab_size: int,
+              host: Any = None, cpu: bool = False, output_dir: Optional[str] = None,
+              student_init: Optional[Callable[[torch.nn.Module], None]] = None,
+              teacher_init: Optional[Callable[[torch.nn.Module], None]] = None) -> "Trainer":
+        """Build student, teacher, DDP, optimizer and scheduler for ``recipe``.
+
+        ``parallel_state`` must be initialised. ``student_init(model)`` replaces
+        the student's default initialisation (weights from ``student.hf`` /
+        ``.megatron`` / ``.checkpoint``, else a layout-independent random init);
+        ``teacher_init(model)`` runs after the teacher is loaded (tests).
+        """
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from .teacher import load_model_weights
+
+        check_schedule(recipe.parallel.virtual_pipeline)
+        t, par = recipe.training, recipe.parallel
+        overrides = {"calculate_per_token_loss": True}
+        student = models.build_gpt_model(recipe.student, par, vocab_size=vocab_size, precision=t.precision,
+                                         cpu=cpu, who="student", config_overrides=overrides)
+        if student_init is not None:
+            student_init(student)
+        else:
+            load_model_weights(student, recipe.student, seed=recipe.seed, who="student")
+        teacher = build_teacher(recipe.teacher, par, vocab_size=vocab_size, precision=t.precision, cpu=cpu,
+                                seed=recipe.seed + 1)
+        if teacher_init is not None:
+            with torch.no_grad():
+                teacher_init(teacher)
+        if models.model_layout(teacher).padded_vocab_size != models.model_layout(student).padded_vocab_size:
+            raise RecipeError("student and teacher padded vocabularies differ; they need the same vocab_size")
+        stage = DistillStage(student, teacher)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=t.precision != "fp32",
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=par.distributed_optimizer,
+        )
+        model = DistributedDataParallel(config=student.config, ddp_config=ddp_config, module=stage)
+        opt_config = OptimizerConfig(
+            optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, clip_grad=t.clip_grad,
+            bf16=t.precision == "bf16", fp16=t.precision == "fp16",
+            params_dtype=student.config.params_dtype, use_distributed_optimizer=par.distributed_optimizer,
+        )
+        optimizer = get_megatron_optimizer(opt_config, [model])
+        scheduler = OptimizerParamScheduler(
+            optimizer, init_lr=0.0 if t.warmup_steps > 0 else t.lr, max_lr=t.lr, min_lr=t.min_lr,
+            lr_warmup_steps=t.warmup_steps, lr_decay_steps=t.steps, lr_decay_style=t.lr_decay,
+            start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=t.steps, wd_incr_style="constant",
+        )
+        config = student.config
+        config.no_sync_func = model.no_sync
+        config.finalize_model_grads_func = finalize_model_grads
+        if t.precision == "fp16":
+            config.grad_scale_func = optimizer.scale_loss
+        return cls(recipe=recipe, ctx=ctx, model=model, stage=stage, optimizer=optimizer, scheduler=scheduler,
+                   parts=parts, data=data, vocab_size=vocab_size, host=host, cpu=cpu, output_dir=output_dir)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage.last_stage
+
+    @property
+    def total_steps(self) -> int:
+        return self.recipe.training.steps
+
+    def _loss_fn(self, batch: dict[str, torch.Tensor], output) -> tuple:
+        student_logits, teacher_logits = output
+        if self.logits_hook is not None:
+            student_logits = self.logits_hook(self.step, student_logits)
+        loss, count, report = distill_loss(
+            student_logits, teacher_logits, batch["labels"], self.parts, loss_mask=batch.get("loss_mask"),
+            tp_group=self.ctx.tp_group, vocab_size=self.vocab_size, step=self.step, total_steps=self.total_steps)
+        return loss, count.to(torch.int), report
+
+    def _grads_finite(self) -> bool:
+        for buffer in list(getattr(self.model, "buffers", [])) + list(getattr(self.model, "expert_parallel_buffers", [])):
+            if not bool(torch.isfinite(buffer.grad_data).all()):
+                return False
+        return True
+
+    def _agree(self, flag: bool) -> bool:
+        """All-reduce MAX of a bool over every rank."""
+        t = torch.tensor([1.0 if flag else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def _current_lr(self) -> float:
+        groups = self.optimizer.param_groups
+        return float(groups[0]["lr"]) if groups else 0.0
+
+    def grad_norm(self) -> float:
+        """Global gradient L2 norm over all model-parallel ranks (after DP reduction)."""
+        return float(self.optimizer.get_grad_norm())
+
+    # ------------------------------------------------------------------ step
+    def train_step(self) -> StepResult:
+        """Run one optimizer step (see module docstring); identical result on every rank."""
+        t = self.recipe.training
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+        start = time.perf_counter()
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = forward_backward(self.model, self.data, self._loss_fn, num_microbatches=self.num_microbatches,
+                                   seq_length=self.recipe.data.seq_length, micro_batch_size=t.micro_batch_size)
+        sums = reduce_reports(reports, self.ctx, is_last_stage=self.is_last_stage)
+        local_bad = not self._grads_finite()
+        if self.is_last_stage:
+            local_bad = local_bad or sums["nonfinite"] > 0 or not math.isfinite(sums["kd_sum"] + sums["ce_sum"])
+        skipped = self._agree(local_bad)
+        grad_norm = float("nan")
+        if skipped:
+            self.nonfinite_skips += 1
+            self.consecutive_nonfinite += 1
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+        else:
+            self.consecutive_nonfinite = 0
+            self.scheduler.step(increment=1)
+            if t.clip_grad <= 0:
+                grad_norm = self.grad_norm()
+            ok, norm, _ = self.optimizer.step()
+            if norm is not None:
+                grad_norm = float(norm)
+            if not ok:  # fp16 loss-scaler overflow: megatron skipped the update itself
+                self.nonfinite_skips += 1
+        self.step += 1
+        self.empty_microbatches += int(sums["empty_microbatches"])
+        elapsed = time.perf_counter() - start
+        metrics = self._metrics(sums, grad_norm, skipped, elapsed)
+        result = StepResult(step=self.step, skipped=skipped, metrics=metrics)
+        if not skipped:
+            stats = StepStats(step=self.step, total_steps=self.total_steps, kd_loss=metrics["kd_loss"],
+                              extras={"kept_fraction": metrics["kept_fraction"], "ce_loss": metrics["ce_loss"],
+                                      "loss": metrics["loss"]})
+            for part in self.parts.stateful().values():
+                part.on_optimizer_step(stats)
+        self._report(result)
+        if skipped and self.consecutive_nonfinite >= t.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.consecutive_nonfinite} consecutive steps had NaN/Inf losses or gradients (last: step "
+                f"{self.step}); stopping (training.max_consecutive_nonfinite={t.max_consecutive_nonfinite}). "
+                "Lower training.lr, check the data and the teacher, or use precision fp32/bf16")
+        for cb in self.step_callbacks:
+            cb(self, result)
+        return result
+
+    def _metrics(self, sums: dict[str, float], grad_norm: float, skipped: bool, elapsed: float) -> dict[str, float]:
+        kd = sums["kd_sum"] / sums["kd_count"] if sums["kd_count"] > 0 else 0.0
+        ce = sums["ce_sum"] / sums["ce_count"] if sums["ce_count"] > 0 else 0.0
+        p = self.parts
+        norm = sums["kd_count"] if p.kd_weight > 0 else sums["valid_tokens"]
+        loss = (p.kd_weight * sums["kd_sum"] + p.ce_weight * sums["ce_sum"]) / norm if norm > 0 else 0.0
+        valid = sums["valid_tokens"]
+        if not skipped:
+            self._steps_timed += 1
+            self._tokens_timed += sums["total_tokens"]
+        wall = time.perf_counter() - (self._t0 or time.perf_counter())
+        tps = self._tokens_timed / wall if wall > 0 else 0.0
+        remaining = self.total_steps - self.step
+        eta = wall / max(1, self.step) * max(0, remaining)
+        return {
+            "step": self.step, "loss": loss, "kd_loss": kd, "ce_loss": ce, "lr": self._current_lr(),
+            "grad_norm": grad_norm, "tokens": sums["total_tokens"], "valid_tokens": valid,
+            "kept_tokens": sums["kept_tokens"], "kept_fraction": sums["kept_tokens"] / valid if valid > 0 else 0.0,
+            "tokens_per_second": tps, "step_time_s": elapsed, "eta_s": eta, "skipped": float(skipped),
+            "nonfinite_skips": float(self.nonfinite_skips), "consecutive_nonfinite": float(self.consecutive_nonfinite),
+            "empty_microbatches": float(self.empty_microbatches),
+        }
+
+    def _report(self, result: StepResult) -> None:
+        m = result.metrics
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if self.host is not None and self.is_last_stage and self.ctx.tp_rank == 0 and self.ctx.dp_rank == 0:
+            hook = getattr(self.host, "on_step_end", None) or getattr(self.host, "hook_on_step_end", None)
+            if hook is not None:
+                hook(result.step, dict(m))
+        if rank != 0:
+            return
+        if self.output_dir:
+            os.makedirs(self.output_dir, exist_ok=True)
+            with open(os.path.join(self.output_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({k: (v if math.isfinite(v) else None) if isinstance(v, float) else v
+                                    for k, v in m.items()}) + "\n")
+        every = self.recipe.training.log_interval
+        if result.skipped or result.step % every == 0 or result.step == self.total_steps:
+            eta = m["eta_s"]
+            log.info("step %d/%d  loss %.4f  kd %.4f%s  lr %.2e  gnorm %.3f  tok/s %.0f  kept %.2f  ETA %dm%02ds%s",
+                     result.step, self.total_steps, m["loss"], m["kd_loss"],
+                     f"  ce {m['ce_loss']:.4f}" if self.parts.ce_weight > 0 else "", m["lr"], m["grad_norm"],
+                     m["tokens_per_second"], m["kept_fraction"], int(eta // 60), int(eta % 60),
+                     "  SKIPPED (non-finite)" if result.skipped else "")
+
+    # ------------------------------------------------------------------ state
+    def counters(self) -> dict[str, int]:
+        """The engine's counters, saved in checkpoints."""
+        return {"step": self.step, "nonfinite_skips": self.nonfinite_skips,
+                "consecutive_nonfinite": self.consecutive_nonfinite, "empty_microbatches": self.empty_microbatches}
+
+    def load_counters(self, state: dict[str, int]) -> None:
+        self.step = int(state.get("step", self.step))
+        self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
+        self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
+        self.empty_microbatches = int(state.get("empty_microbatches", 0))
+
+    @torch.no_grad()
+    def evaluate(self, eval_data) -> dict[str, float]:
+        """Forward-only pass over ``eval_data`` (re-iterable microbatches); logs and returns the losses."""
+        t = self.recipe.training
+        batches = iter(eval_data)
+        n = len(eval_data)
+        self.model.eval()
+        try:
+            reports = forward_backward(self.model, batches, self._loss_fn, num_microbatches=n,
+                                       seq_length=self.recipe.data.seq_length, micro_batch_size=t.micro_batch_size,
+                                       forward_only=True)
+        finally:
+            self.model.train()
+        sums = reduce_reports(reports, self.ctx, is_last_stage=self.is_last_stage)
+        out = {"eval_kd_loss": sums["kd_sum"] / sums["kd_count"] if sums["kd_count"] > 0 else 0.0,
+               "eval_ce_loss": sums["ce_sum"] / sums["ce_count"] if sums["ce_count"] > 0 else 0.0,
+               "eval_tokens": sums["valid_tokens"]}
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if rank == 0:
+            log.info("eval @ step %d  kd %.4f  tokens %d", self.step, out["eval_kd_loss"], int(out["eval_tokens"]))
+            if self.output_dir:
+                os.makedirs(self.output_dir, exist_ok=True)
+                with open(os.path.join(self.output_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": self.step, **out}) + "\n")
+        return out
+
+    # ------------------------------------------------------------------ loop
+    def train(self, steps: Optional[int] = None,
+              should_stop: Optional[Callable[["Trainer"], bool]] = None) -> list[StepResult]:
+        """Run until ``steps`` (default ``training.steps``) optimizer steps are done, or ``should_stop``."""
+        end = self.total_steps if steps is None else steps
+        results = []
+        while self.step < end:
+            results.append(self.train_step())
+            if should_stop is not None and should_stop(self):
+                break
+        return results
