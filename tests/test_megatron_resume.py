@@ -96,6 +96,10 @@ def body(rank: int, world: int, out: str) -> dict:
             lambda tr, r: os.kill(os.getpid(), signal.SIGUSR1) if tr.step == 3 else None)
     res["c_rc"] = c.train()
     res["c_stopped_at"] = c.trainer.step
+    torch.distributed.barrier()
+    marker = os.path.join(c_out, "REQUEUE")
+    res["marker"] = open(marker).read() if os.path.exists(marker) else None
+    res["a_marker"] = os.path.exists(os.path.join(out, "a", "REQUEUE"))
     c2 = _engine(c_out)
     res["c2_start"] = c2.trainer.step
     return res
@@ -125,3 +129,5 @@ def test_sigusr1_saves_and_stops_everywhere(results):
         assert r["c_rc"] == 0
         assert r["c_stopped_at"] == 3
         assert r["c2_start"] == 3
+        assert r["marker"] == "step=3\n"  # the job script requeues on this file (docs/launching.md)
+        assert r["a_marker"] is False  # a run that finished asks for no requeue

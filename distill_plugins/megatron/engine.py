@@ -46,6 +46,9 @@ __all__ = ["run", "resolve_vocab_size", "resolve_specs", "Engine"]
 
 log = get_logger(__name__)
 
+#: environment variable naming the requeue marker file the SLURM scripts watch
+REQUEUE_MARKER_ENV = "DISTILL_REQUEUE_MARKER"
+
 
 def resolve_specs(recipe: Recipe) -> Recipe:
     """``recipe`` with student/teacher shape keys read from their ``hf:``/``megatron:`` checkpoints."""
@@ -171,10 +174,31 @@ class Engine:
                 if stopping or (rc.interval and tr.step % rc.interval == 0) or tr.step == end:
                     self.save()
                 if stopping:
+                    if tr.step < end:
+                        self._write_requeue_marker()
                     log.warning("stop signal received: saved step %d; exiting with status 0 (resume: auto continues)",
                                 result.step)
                     return 0
         return 0
+
+    def _write_requeue_marker(self) -> None:
+        """Tell the job script to requeue (docs/launching.md): ``step=<n>`` in ``$DISTILL_REQUEUE_MARKER``.
+
+        Written by global rank 0 after the checkpoint is complete, only when training is unfinished;
+        defaults to ``<output_dir>/REQUEUE`` when the variable is unset.
+        """
+        import os
+        from pathlib import Path
+
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return
+        marker = Path(os.environ.get(REQUEUE_MARKER_ENV) or Path(self.recipe.output_dir) / "REQUEUE")
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name(marker.name + ".tmp")
+        tmp.write_text(f"step={self.trainer.step}\n")
+        os.replace(tmp, marker)
 
 
 def run(recipe: Recipe, host: Any, *, cpu: bool = False) -> int:
@@ -199,4 +223,10 @@ def run(recipe: Recipe, host: Any, *, cpu: bool = False) -> int:
 
         enable_cpu_mode()
     engine = Engine(recipe, host, cpu=cpu)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        from ..recipe.record import write_run_record
+
+        write_run_record(engine.recipe, host, recipe.output_dir)
     return engine.train()
