@@ -284,7 +284,10 @@ def _save_dist(sharded_state: dict, tmp: Path, report: dict, group) -> dict:
     if dist is not None:
         dist.barrier(group)  # the directory must exist before any rank writes into it
     try:
-        dist_checkpointing.save(sharded_state, str(target), async_sharded_save=False)
+        from .megatron_ckpt import in_process_results_queue
+
+        with in_process_results_queue():  # a synchronous save needs no writer-manager process
+            dist_checkpointing.save(sharded_state, str(target), async_sharded_save=False)
     except Exception as exc:
         if report.get("ok"):
             report = {"ok": False, "error": f"dist_checkpointing.save: {type(exc).__name__}: {exc}"}

@@ -158,7 +158,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def _in_process_results_queue():
+def in_process_results_queue():
     """Let a *synchronous* torch_dist save skip megatron's ``multiprocessing.Manager``.
 
     megatron's writer reports results through a queue made by a spawned Manager
@@ -203,7 +203,7 @@ def save_megatron_checkpoint(model: torch.nn.Module, path: str, *, make_vocab_si
         os.makedirs(path, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
-    with _in_process_results_queue():
+    with in_process_results_queue():
         dist_checkpointing.save(inner.sharded_state_dict(), path, async_sharded_save=False)
     if precision is None:
         dtype = next(inner.parameters()).dtype
