@@ -10,6 +10,7 @@ Subcommands::
     distill data prepare ...                 tokenize text into megatron indexed datasets
     distill plan RECIPE --nodes N --gpus-per-node G
                                              divisibility and per-GPU memory estimate
+    distill demo [--quick]                   the embedded default: corpus, tokenizer, teacher, three students
 
 Exit codes: 0 success, 1 unexpected failure, 2 bad input (recipe, plugin, data).
 docs/cli.md documents every flag.
@@ -152,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cpu", action="store_true", help="dry run on CPU with gloo (same as device=cpu)")
     run.set_defaults(func=_cmd_run)
 
-    for module_name in ("distill_plugins.data.cli", "distill_plugins.plan_cli"):
-        import importlib
+    import importlib
 
+    for module_name in ("distill_plugins.data.cli", "distill_plugins.plan_cli", "distill_plugins.demo_cli"):
         importlib.import_module(module_name).add_parser(sub)
     return parser
 
