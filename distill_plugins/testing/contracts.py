@@ -1,0 +1,152 @@
+"""Contract checks for objective plugins: ``check_objective_contract(MyObjective, margin=2.0)``.
+
+An objective (see :class:`distill_plugins.Objective`) promises that
+
+* it returns one finite fp32 loss per token row, ``[N]``;
+* it is differentiable with respect to the student logits (finite gradient of
+  the student's shape) and never gives the teacher logits a gradient;
+* a row's loss depends only on that row: rows the loss glue drops (masked
+  tokens) add nothing to the others, and calling it on a subset of rows gives
+  the same values for those rows;
+* padded vocabulary columns (at or past ``vocab_size``) change nothing and get
+  zero gradient;
+* a float temperature and a ``[N]`` tensor of the same values agree;
+* TP=1 and TP=2 (the vocabulary split over two real gloo processes) agree in
+  value and gradient.
+
+Usage in a plugin's test suite::
+
+    from distill_plugins.testing.contracts import check_objective_contract
+
+    def test_contract():
+        check_objective_contract(MyObjective, margin=2.0)          # a class and its Config params
+        check_objective_contract(MyObjective(MyObjective.Config()))  # or an instance
+
+The TP=2 check spawns two processes (a few seconds); pass
+``distributed=False`` to skip it. Failures raise ``AssertionError`` saying
+which promise broke.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from distill_plugins.interfaces import Objective
+
+__all__ = ["check_objective_contract"]
+
+
+def _build(cls_or_instance: Any, params: dict) -> Objective:
+    if isinstance(cls_or_instance, Objective):
+        if params:
+            raise TypeError("pass parameters only with a class, not with an instance")
+        return cls_or_instance
+    if isinstance(cls_or_instance, type) and issubclass(cls_or_instance, Objective):
+        return cls_or_instance(cls_or_instance.Config(**params))
+    raise TypeError(f"expected an Objective subclass or instance, got {cls_or_instance!r}")
+
+
+def _loss_and_grad(objective: Objective, s: torch.Tensor, t: torch.Tensor, **kw):
+    s = s.detach().clone().requires_grad_(True)
+    t = t.detach().clone().requires_grad_(True)
+    loss = objective(s, t, **kw)
+    assert isinstance(loss, torch.Tensor), f"objective returned {type(loss).__name__}, not a tensor"
+    assert loss.shape == (s.shape[0],), f"loss shape {tuple(loss.shape)}; expected [N] = [{s.shape[0]}]"
+    assert loss.dtype == torch.float32, f"loss dtype {loss.dtype}; expected torch.float32"
+    assert bool(torch.isfinite(loss).all()), f"non-finite loss: {loss.tolist()}"
+    assert loss.requires_grad, "loss does not require grad: it is not differentiable in student_logits"
+    loss.sum().backward()
+    assert s.grad is not None, "student_logits got no gradient"
+    assert s.grad.shape == s.shape, f"gradient shape {tuple(s.grad.shape)} != student shape {tuple(s.shape)}"
+    assert bool(torch.isfinite(s.grad).all()), "non-finite gradient"
+    assert t.grad is None or not bool(t.grad.any()), "teacher_logits received a gradient"
+    return loss.detach(), s.grad.detach()
+
+
+def _close(x: torch.Tensor, y: torch.Tensor, atol: float, what: str) -> None:
+    err = (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
+    scale = max(1.0, y.double().abs().max().item() if y.numel() else 0.0)
+    assert err <= atol * scale, f"{what}: max difference {err:.3g} > {atol * scale:.3g}"
+
+
+def _tp_worker(rank: int, world_size: int, cls: type, config: Any, s: torch.Tensor, t: torch.Tensor,
+               tau: torch.Tensor, vocab_size: Optional[int]):
+    group = torch.distributed.group.WORLD
+    v_local = s.shape[1] // world_size
+    cols = slice(rank * v_local, (rank + 1) * v_local)
+    objective = cls(config)
+    loss, grad = _loss_and_grad(objective, s[:, cols], t[:, cols], temperature=tau, tp_group=group,
+                                vocab_size=vocab_size)
+    return {"loss": loss, "grad": grad}
+
+
+def check_objective_contract(cls_or_instance: Any, *, distributed: bool = True, n_rows: int = 6,
+                             padded_vocab: int = 24, vocab_size: int = 21, seed: int = 0, atol: float = 2e-5,
+                             **params: Any) -> None:
+    """Check that an objective keeps the :class:`~distill_plugins.Objective` contract.
+
+    Args:
+        cls_or_instance: an ``Objective`` subclass (built as ``cls(cls.Config(**params))``)
+            or an instance.
+        distributed: also compare TP=1 with TP=2 on two gloo processes (the class must be
+            importable by name, i.e. defined at module level).
+        n_rows, padded_vocab, vocab_size: test shape; ``padded_vocab`` must be even.
+        seed: RNG seed of the random logits.
+        atol: tolerance, relative to max(1, magnitude of the expected value).
+        **params: the objective's ``Config`` fields.
+
+    Raises:
+        AssertionError: naming the broken promise.
+    """
+    objective = _build(cls_or_instance, params)
+    if padded_vocab % 2 or not 0 < vocab_size <= padded_vocab:
+        raise ValueError("padded_vocab must be even and vocab_size in [1, padded_vocab]")
+    gen = torch.Generator().manual_seed(seed)
+    s = 2.0 * torch.randn(n_rows, padded_vocab, generator=gen)
+    t = 2.0 * torch.randn(n_rows, padded_vocab, generator=gen)
+    tau = 0.5 + torch.rand(n_rows, generator=gen)
+    kw = dict(temperature=tau, vocab_size=vocab_size)
+
+    loss, grad = _loss_and_grad(objective, s, t, **kw)
+
+    # Rows are independent: a subset of rows gives the same values, and a row's
+    # gradient lands on that row only.
+    keep = torch.arange(0, n_rows, 2)
+    sub_loss, sub_grad = _loss_and_grad(objective, s[keep], t[keep], temperature=tau[keep], vocab_size=vocab_size)
+    _close(sub_loss, loss[keep], atol, "loss of a subset of rows differs from the same rows in the full call "
+                                       "(a row's loss must depend on that row only)")
+    _close(sub_grad, grad[keep], atol, "gradient of a subset of rows differs from the full call")
+    s_row = s.detach().clone().requires_grad_(True)
+    objective(s_row, t, **kw)[0].backward()
+    assert not bool(s_row.grad[1:].any()), "the loss of row 0 has a gradient on other rows"
+    s_perturbed = s.clone()
+    s_perturbed[1:] += torch.randn(n_rows - 1, padded_vocab, generator=gen)
+    with torch.no_grad():
+        moved = objective(s_perturbed, t, **kw)
+    _close(moved[:1], loss[:1], atol, "changing other rows changed row 0's loss")
+
+    # Padded columns carry nothing.
+    if vocab_size < padded_vocab:
+        s_pad, t_pad = s.clone(), t.clone()
+        s_pad[:, vocab_size:] = 50.0 * torch.randn(n_rows, padded_vocab - vocab_size, generator=gen)
+        t_pad[:, vocab_size:] = float("-inf")
+        pad_loss, pad_grad = _loss_and_grad(objective, s_pad, t_pad, **kw)
+        _close(pad_loss, loss, atol, "values in padded columns (>= vocab_size) changed the loss")
+        assert not bool(pad_grad[:, vocab_size:].any()), "padded columns received a gradient"
+
+    # A float temperature equals a tensor of that value.
+    f_loss, f_grad = _loss_and_grad(objective, s, t, temperature=1.5, vocab_size=vocab_size)
+    t_loss, t_grad = _loss_and_grad(objective, s, t, temperature=torch.full((n_rows,), 1.5), vocab_size=vocab_size)
+    _close(f_loss, t_loss, atol, "float temperature and [N] tensor temperature disagree")
+    _close(f_grad, t_grad, atol, "float temperature and [N] tensor temperature disagree (gradient)")
+
+    if distributed:
+        from distill_plugins.testing.distributed import run_distributed
+
+        results = run_distributed(_tp_worker, 2, args=(type(objective), objective.config, s, t, tau, vocab_size))
+        for rank, res in enumerate(results):
+            _close(res["loss"], loss, atol, f"TP=2 loss on rank {rank} differs from TP=1")
+        tp_grad = torch.cat([res["grad"] for res in results], dim=1)
+        _close(tp_grad, grad, atol, "TP=2 gradient differs from TP=1")
