@@ -9,8 +9,8 @@
 * :func:`gather_vocab`: all-gather ``[N, V_local]`` shards to ``[N, V]``. Backward
   keeps this rank's slice, which is right when everything computed from the
   gathered tensor is replicated on all ranks.
-* :func:`all_reduce_sum_rank_local_grad`: SUM forward and SUM backward, for a
-  reduced value whose consumers differ per rank.
+* SUM forward with SUM backward, for a reduced value whose consumers differ per
+  rank, is :func:`distill_plugins.parallel.all_reduce_sum_for_shards`.
 * :func:`vocab_parallel_argmax`: global argmax id of sharded logits (smallest id
   among ties, so every rank agrees).
 """
@@ -72,35 +72,6 @@ def gather_vocab(x: torch.Tensor, group: Any) -> torch.Tensor:
     if not _active(group):
         return x
     return _GatherVocab.apply(x, group)
-
-
-class _AllReduceSumBoth(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        out = x.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
-
-
-def all_reduce_sum_rank_local_grad(x: torch.Tensor, group: Any) -> torch.Tensor:
-    """SUM all-reduce whose backward also SUMs the gradient over the group.
-
-    Use it when what is computed from the result is *not* replicated on every
-    rank (each rank back-propagates a different gradient into it), e.g. a
-    normaliser applied to the local shard before :func:`gather_vocab`.
-    :func:`distill_plugins.parallel.all_reduce_sum` (identity backward) is
-    right only for replicated downstream values.
-    """
-    if not _active(group):
-        return x
-    return _AllReduceSumBoth.apply(x, group)
 
 
 def vocab_parallel_argmax(logits: torch.Tensor, group: Any, vocab_size: Optional[int] = None) -> torch.Tensor:

@@ -33,7 +33,8 @@ import torch
 
 from ..interfaces import PartConfig
 from ..parallel import all_reduce_max, masked_logits_fp32
-from ._tp import all_reduce_sum_rank_local_grad, gather_vocab
+from ..parallel import all_reduce_sum_for_shards
+from ._tp import gather_vocab
 from .base import AlignerBase, AlignerInputs, AlignerOutput, coverage_report
 
 __all__ = ["ULDAligner", "sorted_probability_distance"]
@@ -53,7 +54,7 @@ def _probs(logits: torch.Tensor, temperature, group: Any, vocab_size: Optional[i
     x = masked_logits_fp32(x, group, vocab_size)
     shift = all_reduce_max(x.detach().amax(dim=-1, keepdim=True), group)
     e = torch.exp(x - shift)
-    return e / all_reduce_sum_rank_local_grad(e.sum(dim=-1, keepdim=True), group)
+    return e / all_reduce_sum_for_shards(e.sum(dim=-1, keepdim=True), group)
 
 
 def _sorted_head(probs: torch.Tensor, group: Any, top_k: Optional[int]) -> torch.Tensor:
