@@ -10,6 +10,7 @@ Subcommands::
     distill data prepare ...                 tokenize text into megatron indexed datasets
     distill plan RECIPE --nodes N --gpus-per-node G
                                              divisibility and per-GPU memory estimate
+    distill export CHECKPOINT OUT_DIR        a trained student to a Hugging Face directory
     distill demo [--quick]                   the embedded default: corpus, tokenizer, teacher, three students
 
 Exit codes: 0 success, 1 unexpected failure, 2 bad input (recipe, plugin, data).
@@ -155,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     import importlib
 
-    for module_name in ("distill_plugins.data.cli", "distill_plugins.plan_cli", "distill_plugins.demo_cli"):
+    for module_name in ("distill_plugins.data.cli", "distill_plugins.plan_cli", "distill_plugins.demo_cli",
+                        "distill_plugins.megatron.export_cli"):
         importlib.import_module(module_name).add_parser(sub)
     return parser
 

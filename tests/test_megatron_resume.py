@@ -72,6 +72,11 @@ def body(rank: int, world: int, out: str) -> dict:
     a = _engine(os.path.join(out, "a"))
     res["a_losses"] = _record(a, 10)
     res["a"] = _snapshot(a)
+    # what `distill export` does: the run checkpoint, resharded to this group's layout, to a HF directory
+    from distill_plugins.megatron.hf_export import export_megatron_checkpoint
+
+    res["hf_dir"] = export_megatron_checkpoint(os.path.join(out, "a", "ckpt", "step_000010"),
+                                               os.path.join(out, "a_hf"))
     # 5 steps, save, resume, 5 steps
     b_out = os.path.join(out, "b")
     b = _engine(b_out)
@@ -131,3 +136,17 @@ def test_sigusr1_saves_and_stops_everywhere(results):
         assert r["c2_start"] == 3
         assert r["marker"] == "step=3\n"  # the job script requeues on this file (docs/launching.md)
         assert r["a_marker"] is False  # a run that finished asks for no requeue
+
+
+def test_run_checkpoint_exports_to_transformers(results):
+    """A run checkpoint (saved at PP=2) exports to a directory that transformers loads."""
+    from transformers import AutoModelForCausalLM
+
+    from distill_plugins.megatron.model_info import count_parameters
+    from distill_plugins.recipe.schema import ModelSpec
+
+    model = AutoModelForCausalLM.from_pretrained(results[0]["hf_dir"])
+    spec = ModelSpec(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=32)
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(spec, VOCAB)
+    logits = model(torch.arange(8).unsqueeze(0) % VOCAB).logits
+    assert logits.shape == (1, 8, VOCAB) and torch.isfinite(logits).all()

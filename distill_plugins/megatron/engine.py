@@ -128,12 +128,21 @@ class Engine:
         tr = self.trainer
         if self.recipe.parallel.distributed_optimizer:
             raise DistillError("checkpointing with parallel.distributed_optimizer is not supported yet; set it false")
-        return save_checkpoint(
+        path = save_checkpoint(
             self.ckpt_dir, tr.step, model_state=tr.stage.state_dict(), optimizer_state=tr.optimizer.state_dict(),
             scheduler_state=tr.scheduler.state_dict(), data_state=self.data.state_dict(),
             parts_state={k: p.state_dict() for k, p in self.parts.stateful().items()},
             extra=tr.counters(), layout=self.layout, keep=self.recipe.checkpoint.keep,
             sharded_model_state=tr.stage.sharded_state_dict())
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            from .megatron_ckpt import write_checkpoint_meta
+
+            # the shape record that `distill export` and `teacher: {megatron: ...}` read
+            write_checkpoint_meta(tr.stage.student, str(path),
+                                  make_vocab_size_divisible_by=self.recipe.parallel.make_vocab_size_divisible_by)
+        return path
 
     def load(self, path) -> None:
         """Restore student, optimizer, scheduler, data position, parts and counters from ``path``."""

@@ -181,6 +181,32 @@ def in_process_results_queue():
         fa._results_queue = None
 
 
+def write_checkpoint_meta(model: torch.nn.Module, path: str, *, make_vocab_size_divisible_by: int,
+                          precision: Optional[str] = None, family: Optional[str] = None) -> str:
+    """Write ``distill_model.json`` (the model's shape, vocabulary and layout) into ``path``; one rank only.
+
+    Called by :func:`save_megatron_checkpoint` and by the engine after each run
+    checkpoint, so ``distill export`` and ``teacher: {megatron: ...}`` know the shape.
+    """
+    from .models import model_layout
+
+    inner = _unwrap(model)
+    layout = model_layout(inner)
+    if precision is None:
+        dtype = next(inner.parameters()).dtype
+        precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    meta = CheckpointMeta(spec=dataclasses.replace(layout.spec, vocab_size=layout.vocab_size, hf=None,
+                                                   megatron=None, checkpoint=None),
+                          vocab_size=layout.vocab_size, padded_vocab_size=layout.padded_vocab_size,
+                          make_vocab_size_divisible_by=make_vocab_size_divisible_by, tensor=layout.tp_size,
+                          pipeline=layout.pp_size, precision=precision, family=family)
+    target = os.path.join(path, META_FILE)
+    with open(target + ".tmp", "w", encoding="utf-8") as fh:
+        json.dump(meta.to_json(), fh, indent=2)
+    os.replace(target + ".tmp", target)
+    return target
+
+
 def save_megatron_checkpoint(model: torch.nn.Module, path: str, *, make_vocab_size_divisible_by: int = 128,
                              precision: Optional[str] = None, family: Optional[str] = None) -> str:
     """Save ``model`` with ``dist_checkpointing`` plus ``distill_model.json``; call on every rank.
@@ -205,17 +231,9 @@ def save_megatron_checkpoint(model: torch.nn.Module, path: str, *, make_vocab_si
         dist.barrier()
     with in_process_results_queue():
         dist_checkpointing.save(inner.sharded_state_dict(), path, async_sharded_save=False)
-    if precision is None:
-        dtype = next(inner.parameters()).dtype
-        precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     if rank0:
-        meta = CheckpointMeta(spec=dataclasses.replace(layout.spec, vocab_size=layout.vocab_size, hf=None,
-                                                       megatron=None, checkpoint=None),
-                              vocab_size=layout.vocab_size, padded_vocab_size=layout.padded_vocab_size,
-                              make_vocab_size_divisible_by=make_vocab_size_divisible_by, tensor=layout.tp_size,
-                              pipeline=layout.pp_size, precision=precision, family=family)
-        with open(os.path.join(path, META_FILE), "w", encoding="utf-8") as fh:
-            json.dump(meta.to_json(), fh, indent=2)
+        write_checkpoint_meta(inner, path, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                              precision=precision, family=family)
     if dist.is_initialized():
         dist.barrier()
     return path

@@ -152,8 +152,9 @@ class TrainingSpec:
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"training.global_batch_size={self.global_batch_size} is not a multiple of "
                              f"training.micro_batch_size={self.micro_batch_size}")
-        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
-            raise ValueError(f"training.warmup_steps={self.warmup_steps} must be in [0, steps={self.steps}]")
+        if self.warmup_steps < 0 or (self.warmup_steps and self.warmup_steps >= self.steps):
+            raise ValueError(f"training.warmup_steps={self.warmup_steps} must be 0 or less than "
+                             f"training.steps={self.steps}")
 
 
 @dataclass(frozen=True, kw_only=True)

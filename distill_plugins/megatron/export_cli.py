@@ -1,0 +1,50 @@
+"""``distill export``: a trained student (run checkpoint or megatron checkpoint) to a Hugging Face directory.
+
+Runs in one process by default (TP=1, PP=1: the checkpoint is resharded on
+load), or under torchrun with ``--tensor``/``--pipeline`` for students too large
+for one process. Writes ``config.json``, safetensors shards with an index, and
+the tokenizer files when ``--tokenizer-dir`` is given. docs/models.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("export", help="export a trained student to a Hugging Face model directory",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a run checkpoint (…/checkpoints/step_N) or a megatron checkpoint directory")
+    p.add_argument("out_dir", help="the Hugging Face directory to write")
+    p.add_argument("--family", choices=["llama", "mistral", "qwen2", "gpt2"], default=None,
+                   help="HF architecture to write (default: the one recorded in the checkpoint)")
+    p.add_argument("--tokenizer-dir", default=None, help="copy tokenizer files from this directory")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="weights dtype (default: as trained)")
+    p.add_argument("--tensor", type=int, default=1, help="tensor-parallel size to load with (world size under torchrun)")
+    p.add_argument("--pipeline", type=int, default=1, help="pipeline-parallel size to load with")
+    p.add_argument("--cpu", action="store_true", help="run on CPU with gloo (default when no GPU is present)")
+    p.set_defaults(func=run_export)
+    return p
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..logging import get_logger
+    from ..recipe.schema import ParallelSpec
+    from . import parallel_state
+    from .hf_export import export_megatron_checkpoint
+
+    cpu = args.cpu or not torch.cuda.is_available()
+    if cpu:
+        from .cpu import enable_cpu_mode
+
+        enable_cpu_mode()
+    parallel_state.initialize(ParallelSpec(tensor=args.tensor, pipeline=args.pipeline), cpu=cpu)
+    try:
+        out = export_megatron_checkpoint(args.checkpoint, args.out_dir, family=args.family,
+                                         tokenizer_dir=args.tokenizer_dir, dtype=args.dtype)
+    finally:
+        parallel_state.destroy()
+    get_logger(__name__).info("exported %s to %s", args.checkpoint, out)
+    return 0
