@@ -129,3 +129,11 @@ def test_every_shipped_recipe_validates(path):
 def test_shipped_recipes_exist_in_every_folder():
     folders = {p.parent.name for p in SHIPPED}
     assert "tiny" in folders and len(SHIPPED) >= 3
+
+
+def test_recipe_key_reference_is_generated_from_the_schema():
+    """docs/recipe_keys.md documents every recipe key; regenerate it with the command in its header."""
+    from distill_plugins.recipe.docgen import render
+
+    assert (ROOT / "docs" / "recipe_keys.md").read_text() == render(), \
+        "docs/recipe_keys.md is stale: python -m distill_plugins.recipe.docgen > docs/recipe_keys.md"
