@@ -1,0 +1,418 @@
+"""Held-out evaluation of trained students against their teacher, on the CPU at TP=1.
+
+Design
+------
+Training runs may use any TP layout; evaluation rebuilds every model at TP=1,
+PP=1 in the calling process (megatron's ``parallel_state`` with a 1-rank gloo
+group and the CPU layer), so numbers from a TP=2 run and a TP=1 run are
+computed by the same code on the same tokens. Weights come from a run's final
+checkpoint (:func:`load_run_weights`): its ``model_dist/`` (megatron
+``dist_checkpointing``, which the engine writes with every checkpoint) is
+loaded with :func:`distill_plugins.megatron.megatron_ckpt.load_megatron_checkpoint`,
+which reshards to TP=1. Without ``model_dist/`` the per-rank
+``rank_NNNNN.pt`` files of :mod:`distill_plugins.megatron.checkpoint` are
+merged over TP (column- and row-parallel weights concatenated along megatron's
+``partition_dim``; the gate and up halves of a SwiGLU ``fc1`` merged
+separately; padded vocabulary rows dropped) and sharded back with
+:func:`distill_plugins.megatron.models.load_full_state_dict` (PP=1 only).
+
+Held-out tokens (:func:`heldout_windows`): the test split of an indexed
+dataset, all documents concatenated (each already ends with the EOS id), cut
+into non-overlapping windows of ``seq_length + 1`` tokens; window ``w``
+predicts ``w[1:]`` from ``w[:-1]``. Every test token but the first of each
+window is scored exactly once, so the numbers are over the whole split, not a
+sample.
+
+Metrics, per scored token with student distribution ``q`` and teacher ``p``
+(real vocabulary only, fp32), averaged over tokens (:func:`compare_models`):
+
+* ``ce``: ``-log q(label)``, the student's held-out cross-entropy (nats);
+* ``teacher_ce``: the same for the teacher;
+* ``fkl``: ``KL(p || q) = sum_v p (log p - log q)``, forward KL to the teacher;
+* ``rkl``: ``KL(q || p)``, reverse KL;
+* ``top1``: fraction of tokens where ``argmax q == argmax p``.
+
+Generation (:func:`greedy_continuations`, :func:`rouge_l`): held-out documents
+at least ``prompt + continuation`` tokens long give a prompt (their first
+``prompt_tokens`` tokens: the header line and the start of the docstring) and
+a reference (the next ``continuation_tokens`` tokens, decoded). The model
+continues the prompt greedily (argmax, full recomputation each step; the
+models are tiny) and stops at EOS; ROUGE-L F1 (``rouge-score``, no stemming,
+x100) compares the decoded continuation with the reference, as the CSD and
+AdaKD papers score responses. ``rouge-score`` is an optional dependency
+(``pip install 'distill-plugins[quality]'``); the demo table does not use it.
+
+Usage::
+
+    with evaluation_context():
+        teacher = build_eval_model(teacher_spec, vocab_size=V)
+        load_run_weights(teacher, "runs/teacher/checkpoints")
+        student = build_eval_model(student_spec, vocab_size=V)
+        load_run_weights(student, "runs/student_csd/checkpoints")
+        windows = heldout_windows(prefix, seq_length=128)
+        metrics = compare_models(student, teacher, windows, vocab_size=V)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..errors import DistillError, InputError
+from ..logging import get_logger
+from ..recipe.schema import ModelSpec, ParallelSpec
+
+log = get_logger(__name__)
+
+__all__ = [
+    "evaluation_context",
+    "build_eval_model",
+    "load_run_weights",
+    "find_final_checkpoint",
+    "heldout_windows",
+    "heldout_prompts",
+    "model_logits",
+    "compare_models",
+    "model_ce",
+    "greedy_continuations",
+    "rouge_l",
+    "HeldOutMetrics",
+]
+
+PathLike = Union[str, Path]
+
+_QUIET_WARNINGS = ("Apex is not installed", "full scope is deprecated", "`load_state_dict` is deprecated",
+                   "deprecating ShardedTensor")
+
+#: Evaluation builds every model with this layout (TP=1, PP=1).
+EVAL_PARALLEL = ParallelSpec(tensor=1, pipeline=1, make_vocab_size_divisible_by=128)
+
+
+# ---------------------------------------------------------------------------
+# Process setup and models
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def evaluation_context(seed: int = 1234) -> Iterator[None]:
+    """CPU layer plus a 1-rank megatron ``parallel_state`` (TP=1, PP=1) for the block.
+
+    Reuses an already initialised TP=1, PP=1 state (nested use); tears down only
+    what it created.
+    """
+    from megatron.core import parallel_state as ps
+
+    from ..megatron import parallel_state as dps
+    from ..megatron.cpu import cpu_mode
+
+    with cpu_mode(), warnings.catch_warnings():
+        for pattern in _QUIET_WARNINGS:  # megatron's notices about optional CUDA packages and deprecations
+            warnings.filterwarnings("ignore", message=f".*{re.escape(pattern)}")
+        created = not ps.model_parallel_is_initialized()
+        if created:
+            dps.initialize(EVAL_PARALLEL, seed=seed, cpu=True)
+        elif (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) != (1, 1):
+            raise DistillError("evaluation needs TP=1, PP=1 but megatron parallel_state has other sizes")
+        try:
+            yield
+        finally:
+            if created:
+                dps.destroy(destroy_process_group=True)
+
+
+def build_eval_model(spec: ModelSpec, *, vocab_size: int, who: str = "model") -> torch.nn.Module:
+    """A TP=1 GPTModel for ``spec`` in eval mode without gradients (inside :func:`evaluation_context`)."""
+    from ..megatron import models
+
+    model = models.build_gpt_model(spec, EVAL_PARALLEL, vocab_size=vocab_size, cpu=True, who=who)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+# ---------------------------------------------------------------------------
+# Weights from run checkpoints
+# ---------------------------------------------------------------------------
+
+
+def find_final_checkpoint(path: PathLike) -> Path:
+    """The checkpoint to evaluate: ``path`` itself if it is one, else the latest valid one under it.
+
+    Accepts a checkpoint (``.../step_000100``), a checkpoint root
+    (``.../checkpoints``) or a run directory (``<output_dir>``, whose
+    ``checkpoints/`` is searched).
+
+    Raises:
+        InputError: nothing valid found.
+    """
+    from ..megatron import checkpoint as ckpt
+
+    path = Path(path).expanduser()
+    if (path / ckpt.METADATA).is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        if root.is_dir():
+            found = ckpt.find_latest_checkpoint(root)
+            if found is not None:
+                return found
+    raise InputError(f"no complete checkpoint under {path} (expected step_NNNNNN/metadata.json there or in "
+                     f"{path / 'checkpoints'}); did the run finish?")
+
+
+def _strip_wrappers(state: dict) -> dict:
+    """Drop DDP/Float16Module ``module.`` prefixes and non-tensor extra state."""
+    out = {}
+    for name, value in state.items():
+        while name.startswith("module."):
+            name = name[len("module."):]
+        if torch.is_tensor(value) and "_extra_state" not in name:
+            out[name] = value
+    return out
+
+
+def _merge_tp_shards(model: torch.nn.Module, shards: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Full-convention weights (see :mod:`distill_plugins.megatron.models`) from per-TP-rank state dicts."""
+    from ..megatron import models
+
+    layout = models.model_layout(model)
+    tied = bool(getattr(model, "share_embeddings_and_output_weights", False))
+    gated = bool(getattr(model.config, "gated_linear_unit", False))
+    full: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        pieces = []
+        for rank, shard in enumerate(shards):
+            if name not in shard:
+                raise DistillError(f"checkpoint rank file of TP rank {rank} has no {name!r}; was it saved by a "
+                                   f"run of the same model shape? (has {sorted(shard)[:6]} ...)")
+            pieces.append(shard[name])
+        if len(pieces) == 1 or not getattr(param, "tensor_model_parallel", False):
+            merged = pieces[0]
+        else:
+            dim = param.partition_dim
+            if gated and models.canonical_name(name).endswith("mlp.linear_fc1.weight"):
+                halves = [p.chunk(2, dim=dim) for p in pieces]
+                merged = torch.cat([torch.cat([h[0] for h in halves], dim=dim),
+                                    torch.cat([h[1] for h in halves], dim=dim)], dim=dim)
+            else:
+                merged = torch.cat(pieces, dim=dim)
+        fname = models.full_param_name(name, layout, tied=tied)
+        if fname in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            merged = merged[: layout.vocab_size]
+        full[fname] = merged.float()
+    return full
+
+
+def load_run_weights(model: torch.nn.Module, path: PathLike) -> Path:
+    """Load a run's final student weights into a TP=1 model from :func:`build_eval_model`.
+
+    Args:
+        model: the TP=1, PP=1 model to fill.
+        path: a checkpoint, checkpoint root or run directory (:func:`find_final_checkpoint`).
+
+    Returns:
+        The checkpoint directory used.
+
+    Raises:
+        InputError: no checkpoint; DistillError: a layout it cannot merge or a shape mismatch.
+    """
+    from ..megatron import checkpoint as ckpt
+    from ..megatron import models
+
+    found = find_final_checkpoint(path)
+    if (found / "model_dist").is_dir():
+        from ..megatron.megatron_ckpt import load_megatron_checkpoint
+
+        load_megatron_checkpoint(model, str(found))
+        return found
+    meta = ckpt.read_metadata(found)
+    world = int(meta.get("world_size", 1))
+    layout = dict(meta.get("layout") or {})
+    tp, pp = int(layout.get("tp", 1)), int(layout.get("pp", 1))
+    if pp > 1 or (not layout and world > 1):
+        raise DistillError(f"{found}: layout {layout or f'world {world}'} has pipeline stages and no model_dist/; "
+                           "evaluation merges tensor-parallel shards only (save with sharded_model_state)")
+    # megatron's rank order is tp-cp-ep-dp-pp: global ranks 0..tp-1 are data-parallel rank 0's TP shards.
+    shards = []
+    for rank in range(tp):
+        state = ckpt.load_checkpoint(found, rank=rank, restore_rng=False).model_state
+        if isinstance(state, list):  # virtual pipeline chunks; only one without PP
+            state = state[0]
+        shards.append(_strip_wrappers(state))
+    models.load_full_state_dict(model, _merge_tp_shards(model, shards))
+    return found
+
+
+# ---------------------------------------------------------------------------
+# Held-out data
+# ---------------------------------------------------------------------------
+
+
+def heldout_windows(prefix: PathLike, seq_length: int, *, max_windows: Optional[int] = None) -> torch.Tensor:
+    """Non-overlapping ``[N, seq_length + 1]`` windows over an indexed dataset's documents (module docstring)."""
+    from ..data.indexed import read_documents
+
+    docs = read_documents(prefix)
+    stream = np.concatenate(docs).astype(np.int64) if docs else np.zeros(0, dtype=np.int64)
+    n = (len(stream) - 1) // seq_length
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n <= 0:
+        raise InputError(f"{prefix}: {len(stream)} tokens are fewer than one window of {seq_length + 1}")
+    idx = np.arange(n)[:, None] * seq_length + np.arange(seq_length + 1)[None, :]
+    return torch.from_numpy(stream[idx])
+
+
+def heldout_prompts(prefix: PathLike, *, prompt_tokens: int, continuation_tokens: int,
+                    max_prompts: int) -> tuple[torch.Tensor, list[list[int]]]:
+    """Prompts ``[n, prompt_tokens]`` and reference continuations (token lists) from held-out documents.
+
+    Takes the first ``max_prompts`` documents (file order, deterministic) with at
+    least ``prompt_tokens + continuation_tokens`` tokens before their EOS.
+    """
+    from ..data.indexed import read_documents
+
+    prompts, refs = [], []
+    for doc in read_documents(prefix):
+        doc = doc.astype(np.int64)[:-1]  # drop the EOS the writer appended
+        if len(doc) >= prompt_tokens + continuation_tokens:
+            prompts.append(doc[:prompt_tokens])
+            refs.append(doc[prompt_tokens:prompt_tokens + continuation_tokens].tolist())
+            if len(prompts) == max_prompts:
+                break
+    if not prompts:
+        raise InputError(f"{prefix}: no document has {prompt_tokens + continuation_tokens} tokens for a prompt")
+    return torch.from_numpy(np.stack(prompts)), refs
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------
+
+
+def model_logits(model: torch.nn.Module, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """fp32 logits ``[b, s, vocab_size]`` of a TP=1 GPTModel (padded vocabulary columns dropped)."""
+    b, s = tokens.shape
+    position_ids = torch.arange(s, dtype=torch.long).unsqueeze(0).expand(b, s)
+    out = model(tokens, position_ids, None)
+    return out[..., :vocab_size].float()
+
+
+@dataclass
+class HeldOutMetrics:
+    """Token means over the held-out windows (nats for CE and KL; a fraction for top-1)."""
+
+    ce: float
+    teacher_ce: Optional[float]
+    fkl: Optional[float]
+    rkl: Optional[float]
+    top1: Optional[float]
+    tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def compare_models(student: torch.nn.Module, teacher: Optional[torch.nn.Module], windows: torch.Tensor, *,
+                   vocab_size: int, batch_size: int = 16) -> HeldOutMetrics:
+    """Student CE, and with a teacher its CE, forward/reverse KL and top-1 agreement (module docstring)."""
+    sums = dict(ce=0.0, tce=0.0, fkl=0.0, rkl=0.0, top1=0.0)
+    count = 0
+    for i in range(0, len(windows), batch_size):
+        w = windows[i:i + batch_size]
+        x, y = w[:, :-1], w[:, 1:].reshape(-1)
+        logq = torch.log_softmax(model_logits(student, x, vocab_size).reshape(-1, vocab_size), dim=-1)
+        sums["ce"] += -logq.gather(1, y[:, None]).sum().item()
+        if teacher is not None:
+            logp = torch.log_softmax(model_logits(teacher, x, vocab_size).reshape(-1, vocab_size), dim=-1)
+            p, q = logp.exp(), logq.exp()
+            sums["tce"] += -logp.gather(1, y[:, None]).sum().item()
+            sums["fkl"] += (p * (logp - logq)).sum().item()
+            sums["rkl"] += (q * (logq - logp)).sum().item()
+            sums["top1"] += (logq.argmax(-1) == logp.argmax(-1)).sum().item()
+        count += y.numel()
+    has_t = teacher is not None
+    return HeldOutMetrics(ce=sums["ce"] / count, teacher_ce=sums["tce"] / count if has_t else None,
+                          fkl=sums["fkl"] / count if has_t else None, rkl=sums["rkl"] / count if has_t else None,
+                          top1=sums["top1"] / count if has_t else None, tokens=count)
+
+
+@torch.no_grad()
+def model_ce(model: torch.nn.Module, windows: torch.Tensor, *, vocab_size: int, batch_size: int = 16) -> float:
+    """Held-out cross-entropy (nats per token) of one model."""
+    return compare_models(model, None, windows, vocab_size=vocab_size, batch_size=batch_size).ce
+
+
+@torch.no_grad()
+def greedy_continuations(model: torch.nn.Module, prompts: torch.Tensor, *, new_tokens: int, vocab_size: int,
+                         eos_id: Optional[int] = None, max_positions: Optional[int] = None,
+                         batch_size: int = 32) -> list[list[int]]:
+    """Greedy (argmax) continuations of ``prompts`` ``[n, P]``, each cut at its first EOS.
+
+    ``max_positions`` (the model's ``max_position_embeddings``) bounds the
+    context: longer contexts keep their last ``max_positions`` tokens.
+    """
+    outputs: list[list[int]] = []
+    for i in range(0, len(prompts), batch_size):
+        seq = prompts[i:i + batch_size].clone()
+        new = []
+        for _ in range(new_tokens):
+            ctx = seq if max_positions is None else seq[:, -max_positions:]
+            nxt = model_logits(model, ctx, vocab_size)[:, -1].argmax(-1)
+            new.append(nxt)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+        gen = torch.stack(new, dim=1).tolist()
+        for row in gen:
+            if eos_id is not None and eos_id in row:
+                row = row[: row.index(eos_id)]
+            outputs.append(row)
+    return outputs
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F1 (x100) of ``predictions`` against ``references`` (``rouge-score``, no stemming).
+
+    Raises:
+        InputError: ``rouge-score`` is not installed.
+    """
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as exc:
+        raise InputError("ROUGE-L needs the rouge-score package: pip install 'distill-plugins[quality]' "
+                         "(or pip install rouge-score)") from exc
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        return float("nan")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    return 100.0 * float(np.mean(scores))
+
+
+def read_metrics(path: PathLike) -> list[dict]:
+    """Records of a metrics JSONL file (blank and malformed lines skipped)."""
+    records = []
+    path = Path(path)
+    if not path.is_file():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
