@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DistillError, RecipeError
-from ..recipe.schema import ModelSpec, ParallelSpec
+from ..recipe.schema import ModelSpec, ParallelSpec, padded_vocab_size
 
 __all__ = [
     "ModelLayout",
@@ -98,18 +98,6 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 # Shapes
 # ---------------------------------------------------------------------------
-
-
-def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tensor_parallel: int) -> int:
-    """Megatron's padded vocabulary: ``ceil(V / (d * TP)) * d * TP``.
-
-    Student and teacher must use the same value (same TP, same divisor) so their
-    logits share one vocab partition.
-    """
-    if vocab_size <= 0:
-        raise ValueError(f"vocab_size must be > 0, got {vocab_size}")
-    multiple = make_vocab_size_divisible_by * tensor_parallel
-    return int(math.ceil(vocab_size / multiple) * multiple)
 
 
 def ffn_hidden_size(spec: ModelSpec) -> int:
