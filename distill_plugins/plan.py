@@ -45,6 +45,7 @@ from typing import Iterable, Optional, Sequence
 from .config import parse_dataclass
 from .errors import DistillError, RecipeError
 from .recipe.schema import PART_SECTIONS, ModelSpec, Recipe, padded_vocab_size
+from .shapes import TransformerShape, shape_keys
 
 GIB = 1 << 30
 #: bytes per parameter or activation element by training precision
@@ -61,29 +62,21 @@ SBATCH_SCRIPT = "launch/slurm/distill.sbatch"
 # ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """What the planner needs to know about one model."""
+@dataclass(frozen=True, kw_only=True)
+class ModelShape(TransformerShape):
+    """What the planner needs to know about one model.
+
+    The shape keys are those of :class:`~distill_plugins.shapes.TransformerShape`.
+
+    Attributes:
+        role: recipe section (``student``, ``teacher``, ``reference``).
+        arch: ``llama`` or ``gpt2``.
+        source: where the shape was read: ``recipe`` or ``<dir>/config.json``.
+    """
 
     role: str
     arch: str
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    vocab_size: int
-    max_position_embeddings: int
-    tie_embeddings: bool
-    add_qkv_bias: bool
     source: str = "recipe"
-
-
-def default_ffn_hidden_size(arch: str, hidden_size: int) -> int:
-    """4h for gpt2; 8h/3 rounded up to a multiple of 64 for llama (the schema's default)."""
-    if arch == "gpt2":
-        return 4 * hidden_size
-    return -(-(8 * hidden_size // 3) // 64) * 64
 
 
 def _from_hf_config(role: str, config: dict, path: Path) -> ModelShape:
@@ -130,13 +123,7 @@ def resolve_shape(role: str, spec: ModelSpec, warnings: list[str]) -> ModelShape
     if spec.vocab_size is None:
         raise RecipeError(f"{role}.vocab_size is not set: give it in the recipe (the tokenizer's size) "
                           f"so the planner can size the embedding and the logits")
-    return ModelShape(
-        role=role, arch=spec.arch, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
-        ffn_hidden_size=spec.ffn_hidden_size or default_ffn_hidden_size(spec.arch, spec.hidden_size),
-        num_attention_heads=spec.num_attention_heads,
-        num_query_groups=spec.num_query_groups or spec.num_attention_heads, vocab_size=spec.vocab_size,
-        max_position_embeddings=spec.max_position_embeddings, tie_embeddings=spec.tie_embeddings,
-        add_qkv_bias=spec.add_qkv_bias or spec.arch == "gpt2")
+    return ModelShape(role=role, arch=spec.arch, **shape_keys(spec))
 
 
 # ---------------------------------------------------------------------------
@@ -177,8 +164,7 @@ def layer_params(shape: ModelShape) -> Params:
     if shape.arch == "gpt2":
         sharded = 3 * h * h + 3 * h + h * h + h * f + f + f * h
         return Params(sharded=sharded, replicated=h + h + 4 * h)
-    kv_channels = h // shape.num_attention_heads
-    qkv_out = h + 2 * shape.num_query_groups * kv_channels
+    qkv_out = h + 2 * shape.num_query_groups * shape.head_dim
     sharded = h * qkv_out + h * h + 3 * h * f + (qkv_out if shape.add_qkv_bias else 0)
     return Params(sharded=sharded, replicated=2 * h)
 

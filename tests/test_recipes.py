@@ -112,8 +112,10 @@ def test_run_record_has_recipe_plugins_and_revision(tmp_path):
     recipe, host = load_recipe(ROOT / "recipes/tiny/base.yaml")
     out = write_run_record(recipe, host, tmp_path / "run")
     resolved = yaml.safe_load((out / "recipe.resolved.yaml").read_text())
-    assert resolved["objective"] == {"name": "forward_kl", "params": {}}
+    assert resolved["objective"] == {"name": "forward_kl"}
     assert resolved["training"]["steps"] == recipe.training.steps
+    reloaded, _ = load_recipe(out / "recipe.resolved.yaml")  # the record is itself a runnable recipe
+    assert reloaded == recipe
     plugins = json.loads((out / "plugins.json").read_text())
     assert any(p["name"] == "csd" and p["distribution"] == "distill-plugins" for p in plugins["parts"])
     info = json.loads((out / "run_info.json").read_text())

@@ -36,10 +36,14 @@ import torch
 from ..errors import RecipeWarning
 from ..interfaces import Objective, Temperature, VocabAligner
 
-__all__ = ["AlignerInputs", "AlignerOutput", "AlignerBase", "ObjectiveSpec", "resolve_aligner_name"]
+__all__ = ["AlignerInputs", "AlignerOutput", "AlignerBase", "ObjectiveSpec", "resolve_aligner_name",
+           "recipe_problems", "LOGIT_FREE_POLICIES"]
 
 #: data kinds that hold raw text (cross-tokenizer alignment re-tokenizes it).
 TEXT_DATA_KINDS = ("jsonl", "embedded")
+
+#: temperature policies that combine with loss-computing aligners (they do not read the logits)
+LOGIT_FREE_POLICIES = ("constant", "schedule")
 
 #: ``objective: forward_kl`` or ``objective: {name: skewed_forward_kl, alpha: 0.1}``.
 ObjectiveSpec = Union[str, dict[str, Any]]
@@ -134,6 +138,8 @@ class AlignerBase(VocabAligner):
     needs_hidden_states: ClassVar[bool] = False
     #: how the data path pairs positions: "eta" (exact token alignment) or "position".
     pairing: str = "eta"
+    #: keys of ``AlignerOutput.terms`` the engine logs per step (token means over aligned tokens).
+    term_names: ClassVar[tuple[str, ...]] = ()
 
     def setup(self, *, student_tokenizer: Any = None, teacher_tokenizer: Any = None,
               objective: Optional[Objective] = None, **kwargs: Any) -> None:
@@ -157,7 +163,11 @@ class AlignerBase(VocabAligner):
         info, errors = recipe_check_info(recipe)
         if errors:
             return errors
-        return part.check(**info)
+        problems = recipe_problems(recipe, part.name or cls.__name__) if cls.computes_loss else []
+        if cls.needs_hidden_states and recipe.parallel.sequence_parallel:
+            problems.append(f"aligner {part.name!r} projects hidden states, which megatron scatters over the "
+                            "sequence under parallel.sequence_parallel; set parallel.sequence_parallel: false")
+        return problems + part.check(**info)
 
     def trainable_modules(self) -> list[torch.nn.Module]:
         """Modules whose parameters join the optimizer and the checkpoint (default none)."""
@@ -231,6 +241,24 @@ class AlignerBase(VocabAligner):
             errors.append(f"aligner {name!r} tokenizes raw text with both tokenizers, but data.kind={kind!r} "
                           f"holds token ids; use data.kind: {' or '.join(TEXT_DATA_KINDS)}")
         return errors
+
+
+def recipe_problems(recipe: Any, name: str) -> list[str]:
+    """Recipe parts that cannot combine with a loss-computing aligner ``name``.
+
+    Such an aligner compares two vocabularies itself, so the engine cannot run
+    a selector or a temperature policy that reads both models' logits over one
+    vocabulary: the selector must be ``all`` and the policy one of
+    :data:`LOGIT_FREE_POLICIES`.
+    """
+    problems = []
+    if recipe.selector.name != "all":
+        problems.append(f"selector {recipe.selector.name!r} scores tokens from both models' logits over one "
+                        f"vocabulary; aligner {name!r} compares two vocabularies itself: use selector: all")
+    if recipe.temperature.name not in LOGIT_FREE_POLICIES:
+        problems.append(f"temperature {recipe.temperature.name!r} reads both models' logits over one vocabulary; "
+                        f"with aligner {name!r} use temperature: {' or '.join(LOGIT_FREE_POLICIES)}")
+    return problems
 
 
 def validate_objective_spec(spec: Any, key: str = "objective") -> None:

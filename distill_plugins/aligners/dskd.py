@@ -177,6 +177,7 @@ class DSKDAligner(AlignerBase):
     """
 
     needs_hidden_states = True
+    term_names = ("t2s_ce", "t2s_kd", "s2t_kd")
 
     @dataclass(frozen=True, kw_only=True)
     class Config(PartConfig):

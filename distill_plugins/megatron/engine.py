@@ -11,8 +11,10 @@ this process:
    else tokenizer);
 3. torch.distributed + megatron parallel state (:mod:`.parallel_state`);
 4. objective, selector and temperature policy built through the host
-   (:func:`.loss.build_loss_parts`);
-5. data iterator (``distill_plugins.data.iterators.build_data``);
+   (:func:`.loss.build_loss_parts`), and the vocabulary aligner
+   (:class:`.alignment.AlignerRuntime`; ``auto`` resolved);
+5. data iterator (``distill_plugins.data.iterators.build_data``; for two
+   tokenizers ``distill_plugins.data.text_batches.build_aligned_data``);
 6. student, teacher, DDP, optimizer and scheduler (:class:`.train.Trainer`);
 7. resume from ``checkpoint.resume`` (``auto``: latest valid checkpoint);
 8. the loop: train steps; save every ``checkpoint.interval`` steps, at the end,
@@ -22,7 +24,8 @@ this process:
 
 Checkpoints (``distill_plugins.megatron.checkpoint``) hold the student only
 (never the teacher), the optimizer, the scheduler, RNG states, the data
-position, every stateful part's ``state_dict()`` and the engine's counters;
+position, every stateful part's ``state_dict()``, the aligner's trainable
+modules (DSKD projectors) and the engine's counters;
 the student weights are also written with ``dist_checkpointing``
 (``model_dist/``) so ``student.checkpoint`` / ``teacher.checkpoint`` can load
 them under another TP/PP layout.
@@ -42,7 +45,7 @@ from ..errors import DistillError, RecipeError
 from ..logging import configure_logging, get_logger
 from ..recipe.schema import Recipe
 
-__all__ = ["run", "resolve_vocab_size", "resolve_specs", "Engine"]
+__all__ = ["run", "resolve_vocab_sizes", "resolve_specs", "Engine"]
 
 log = get_logger(__name__)
 
@@ -60,35 +63,43 @@ def resolve_specs(recipe: Recipe) -> Recipe:
                                teacher=resolve_model_spec(recipe.teacher))
 
 
-def resolve_vocab_size(recipe: Recipe) -> int:
-    """The real vocabulary shared by student and teacher.
+def _tokenizer_vocab(recipe: Recipe, which: str) -> Optional[int]:
+    try:
+        from ..data.iterators import resolve_tokenizer
+    except ImportError:  # pragma: no cover - data package absent
+        return None
+    tok = resolve_tokenizer(recipe, which)
+    return int(tok.vocab_size) if tok is not None else None
+
+
+def resolve_vocab_sizes(recipe: Recipe) -> tuple[int, int]:
+    """The real vocabularies ``(student, teacher)``.
+
+    Each side: its model's ``vocab_size``, else its tokenizer's size
+    (``data.teacher_tokenizer`` for the teacher when set), else, with one
+    tokenizer, the other side's ``vocab_size``; for embedded data without a
+    tokenizer the embedded default. Whether two different sizes are allowed is
+    the aligner's business (:class:`.alignment.AlignerRuntime`).
 
     Raises:
-        RecipeError: unknown, or student and teacher differ (the megatron engine
-            distils over one shared vocabulary; cross-tokenizer aligners are not
-            run by the engine).
+        RecipeError: a size is unknown.
     """
     s, t = recipe.student.vocab_size, recipe.teacher.vocab_size
-    if s is not None and t is not None and s != t:
-        raise RecipeError(f"student.vocab_size={s} and teacher.vocab_size={t} differ: the megatron engine needs one "
-                          "shared vocabulary (same tokenizer); cross-tokenizer aligners are not supported by it")
-    vocab = s or t
-    if vocab is None:
-        try:
-            from ..data.iterators import resolve_tokenizer
+    two_tokenizers = bool(recipe.data.teacher_tokenizer)
+    if s is None:
+        s = _tokenizer_vocab(recipe, "student") or (None if two_tokenizers else t)
+    if t is None:
+        t = _tokenizer_vocab(recipe, "teacher") if two_tokenizers else s
+    if s is None and recipe.data.kind == "embedded":
+        from ..data.embedded import DEFAULT_VOCAB_SIZE
 
-            tok = resolve_tokenizer(recipe)
-        except ImportError:
-            tok = None
-        if tok is not None:
-            vocab = int(tok.vocab_size)
-        elif recipe.data.kind == "embedded":
-            from ..data.embedded import DEFAULT_VOCAB_SIZE
-
-            vocab = DEFAULT_VOCAB_SIZE
-    if vocab is None:
-        raise RecipeError("the vocabulary size is unknown: set student.vocab_size or data.tokenizer")
-    return int(vocab)
+        s = DEFAULT_VOCAB_SIZE
+        t = t if t is not None else s
+    for who, size in (("student", s), ("teacher", t)):
+        if size is None:
+            key = "data.tokenizer" if who == "student" else "data.teacher_tokenizer"
+            raise RecipeError(f"the {who}'s vocabulary size is unknown: set {who}.vocab_size or {key}")
+    return int(s), int(t)
 
 
 class Engine:
@@ -100,25 +111,41 @@ class Engine:
         from .loss import build_loss_parts
         from .train import Trainer
 
+        from .alignment import AlignerRuntime
+
         self.recipe = recipe = resolve_specs(recipe)
         self.cpu = cpu
-        self.vocab_size = resolve_vocab_size(recipe)
+        self.vocab_size, self.teacher_vocab_size = resolve_vocab_sizes(recipe)
         self.ctx = dps.initialize(recipe.parallel, seed=recipe.seed, cpu=cpu)
         self.parts = parts if parts is not None else build_loss_parts(recipe, host)
+        self.aligner = AlignerRuntime.build(recipe, host if host is not None else _default_host(),
+                                            student_vocab_size=self.vocab_size,
+                                            teacher_vocab_size=self.teacher_vocab_size)
         from .checkpoint import checkpoint_directory, resolve_resume
 
         self.ckpt_dir = checkpoint_directory(recipe)
         self.resume_path = resolve_resume(recipe.checkpoint.resume, self.ckpt_dir)
         if data is None:
-            from ..data.iterators import build_data
-
-            data = build_data(recipe, dp_rank=self.ctx.dp_rank, dp_size=self.ctx.dp_size)
+            data = self._build_data(split="train")
         self.data = data
         self.trainer = Trainer.build(recipe, self.parts, ctx=self.ctx, data=data, vocab_size=self.vocab_size,
-                                     host=host, cpu=cpu, student_init=student_init, teacher_init=teacher_init)
+                                     host=host, cpu=cpu, student_init=student_init, teacher_init=teacher_init,
+                                     teacher_vocab_size=self.teacher_vocab_size, aligner=self.aligner)
         self.layout = {"tp": recipe.parallel.tensor, "pp": recipe.parallel.pipeline, "dp": self.ctx.dp_size}
         if self.resume_path is not None:
             self.load(self.resume_path)
+
+    def _build_data(self, *, split: str, eval: bool = False):
+        """This DP rank's batches: token ids, or raw text with both tokenizations for two tokenizers."""
+        kw = dict(dp_rank=self.ctx.dp_rank, dp_size=self.ctx.dp_size, split=split)
+        if self.aligner.text_batches:
+            from ..data.text_batches import build_aligned_data, build_aligned_eval_data
+
+            build = build_aligned_eval_data if eval else build_aligned_data
+            return build(self.recipe, pairing=self.aligner.pairing, **kw)
+        from ..data.iterators import build_data, build_eval_data
+
+        return (build_eval_data if eval else build_data)(self.recipe, **kw)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Any:
@@ -131,7 +158,7 @@ class Engine:
         path = save_checkpoint(
             self.ckpt_dir, tr.step, model_state=tr.stage.state_dict(), optimizer_state=tr.optimizer.state_dict(),
             scheduler_state=tr.scheduler.state_dict(), data_state=self.data.state_dict(),
-            parts_state={k: p.state_dict() for k, p in self.parts.stateful().items()},
+            parts_state=self._parts_state(),
             extra=tr.counters(), layout=self.layout, keep=self.recipe.checkpoint.keep,
             sharded_model_state=tr.stage.sharded_state_dict())
         import torch.distributed as dist
@@ -144,6 +171,13 @@ class Engine:
                                   make_vocab_size_divisible_by=self.recipe.parallel.make_vocab_size_divisible_by)
         return path
 
+    def _parts_state(self) -> dict:
+        state = {k: p.state_dict() for k, p in self.parts.stateful().items()}
+        aligner_state = self.aligner.state_dict()
+        if aligner_state:
+            state["aligner"] = aligner_state
+        return state
+
     def load(self, path) -> None:
         """Restore student, optimizer, scheduler, data position, parts and counters from ``path``."""
         from .checkpoint import load_checkpoint
@@ -155,7 +189,10 @@ class Engine:
         tr.scheduler.load_state_dict(ck.scheduler_state)
         self.data.load_state_dict(ck.data_state)
         parts = self.parts.stateful()
-        for key, state in (ck.parts_state or {}).items():
+        saved = dict(ck.parts_state or {})
+        if self.aligner.state_dict() or "aligner" in saved:
+            self.aligner.load_state_dict(saved.pop("aligner", {}))
+        for key, state in saved.items():
             if key in parts:
                 parts[key].load_state_dict(state)
         tr.load_counters(ck.extra or {})
@@ -175,9 +212,7 @@ class Engine:
                 result = tr.train_step()
                 if self.recipe.training.eval_interval and tr.step % self.recipe.training.eval_interval == 0:
                     if eval_data is None:
-                        from ..data.iterators import build_eval_data
-
-                        eval_data = build_eval_data(self.recipe, dp_rank=self.ctx.dp_rank, dp_size=self.ctx.dp_size)
+                        eval_data = self._build_data(split="valid", eval=True)
                     tr.evaluate(eval_data)
                 stopping = signals.should_stop()
                 if stopping or (rc.interval and tr.step % rc.interval == 0) or tr.step == end:
@@ -208,6 +243,12 @@ class Engine:
         tmp = marker.with_name(marker.name + ".tmp")
         tmp.write_text(f"step={self.trainer.step}\n")
         os.replace(tmp, marker)
+
+
+def _default_host() -> Any:
+    from ..manager import build_plugin_host
+
+    return build_plugin_host()
 
 
 def run(recipe: Recipe, host: Any, *, cpu: bool = False) -> int:

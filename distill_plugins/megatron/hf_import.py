@@ -60,6 +60,7 @@ import torch
 from ..errors import DistillError
 from ..logging import get_logger
 from ..recipe.schema import ModelSpec
+from ..shapes import TransformerShape, shape_keys
 
 __all__ = [
     "SUPPORTED_FAMILIES",
@@ -100,36 +101,27 @@ _SINGLE_FILE = "model.safetensors"
 # ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class HFArchitecture:
+@dataclass(frozen=True, kw_only=True)
+class HFArchitecture(TransformerShape):
     """Shapes and settings of a supported HF causal LM, as the conversion needs them.
+
+    The shape keys (``num_layers`` ... ``add_qkv_bias``, and :attr:`head_dim`) are
+    those of :class:`~distill_plugins.shapes.TransformerShape`; ``vocab_size`` is
+    the number of embedding rows in the checkpoint and ``tie_embeddings`` means
+    ``lm_head`` shares the input embedding.
 
     Attributes:
         family: ``llama``, ``mistral``, ``qwen2`` or ``gpt2``.
-        num_layers, hidden_size, ffn_hidden_size, num_attention_heads,
-        num_query_groups, vocab_size, max_position_embeddings: model shape
-            (``vocab_size`` is the number of embedding rows in the checkpoint).
         rotary_base: RoPE base (``rope_theta``); unused for gpt2.
         norm_epsilon: RMSNorm / LayerNorm epsilon.
-        tie_embeddings: ``lm_head`` shares the input embedding.
-        add_qkv_bias: biases on q/k/v projections (Qwen2; GPT-2 has all biases).
         dtype: the checkpoint's ``torch_dtype``/``dtype`` string, if given.
         prefix: GPT-2 only: ``"transformer."`` or ``""`` (original OpenAI files).
         path: the directory read, if any.
     """
 
     family: str
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    vocab_size: int
-    max_position_embeddings: int
     rotary_base: float = 10000.0
     norm_epsilon: float = 1e-5
-    tie_embeddings: bool = False
-    add_qkv_bias: bool = False
     dtype: Optional[str] = None
     prefix: str = ""
     path: Optional[str] = None
@@ -138,10 +130,6 @@ class HFArchitecture:
     def arch(self) -> str:
         """``ModelSpec.arch``: ``gpt2`` or ``llama`` (Llama, Mistral, Qwen2)."""
         return "gpt2" if self.family == "gpt2" else "llama"
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
     def spec_fields(self) -> dict[str, Any]:
         """The :class:`ModelSpec` shape keys this architecture sets."""
@@ -173,8 +161,6 @@ class HFArchitecture:
         ``family`` defaults to ``gpt2`` for ``arch: gpt2``, ``qwen2`` for
         ``arch: llama`` with ``add_qkv_bias``, else ``llama``.
         """
-        from .models import ffn_hidden_size
-
         vocab = vocab_size if vocab_size is not None else spec.vocab_size
         if vocab is None:
             raise DistillError("vocab_size is unknown: set it in the model spec or pass vocab_size=")
@@ -188,13 +174,8 @@ class HFArchitecture:
             raise DistillError(f"family {family!r} has no q/k/v biases but the spec sets add_qkv_bias; "
                                "export as family 'qwen2'")
         return cls(
-            family=family, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
-            ffn_hidden_size=ffn_hidden_size(spec), num_attention_heads=spec.num_attention_heads,
-            num_query_groups=spec.num_query_groups or spec.num_attention_heads, vocab_size=vocab,
-            max_position_embeddings=spec.max_position_embeddings, rotary_base=spec.rotary_base,
-            norm_epsilon=spec.norm_epsilon, tie_embeddings=spec.tie_embeddings,
-            add_qkv_bias=spec.add_qkv_bias or family == "gpt2",
-            prefix="transformer." if family == "gpt2" else "",
+            **shape_keys(spec, vocab), family=family, rotary_base=spec.rotary_base,
+            norm_epsilon=spec.norm_epsilon, prefix="transformer." if family == "gpt2" else "",
         )
 
     def hf_config(self, dtype: Optional[str] = None) -> dict[str, Any]:

@@ -15,9 +15,11 @@ and does, in this order::
     per_token *= tau**2                      if policy.scale_loss_by_tau_squared
     kd_sum    = sum(per_token);  kd_count = kept tokens ("kept") or valid tokens ("all")
 
-Optional cross-entropy mix (``ce_weight > 0``): megatron-core's
-``vocab_parallel_cross_entropy`` on the valid rows, with padded vocabulary
-columns at -inf. That function overwrites fp32 input logits in place (``.float()``
+Student cross-entropy: megatron-core's ``vocab_parallel_cross_entropy`` on the
+valid rows, with padded vocabulary columns at -inf. It is always computed and
+logged (``ce_loss``, so a pure-KD run still shows the student's own loss); it
+joins the back-propagated loss only when ``ce_weight > 0`` (otherwise it runs
+under ``no_grad``). That function overwrites fp32 input logits in place (``.float()``
 of an fp32 tensor is the same tensor), so it always receives a private copy and
 runs *after* the distillation loss; ``tests/test_megatron_loss.py`` catches a
 regression.
@@ -42,7 +44,8 @@ rank (objectives would otherwise raise on NaN input on some ranks only).
 
 The report holds fp64 sums that add across microbatches and ranks:
 ``kd_sum``, ``kd_count``, ``ce_sum``, ``ce_count``, ``valid_tokens``,
-``kept_tokens``, ``total_tokens``, ``empty_microbatches``, ``nonfinite``.
+``kept_tokens``, ``total_tokens``, ``empty_microbatches``, ``nonfinite``, and for
+cross-tokenizer aligners (:mod:`.alignment`) ``aligned`` and ``student_targets``.
 """
 
 from __future__ import annotations
@@ -56,13 +59,14 @@ from ..errors import DistillError
 from ..interfaces import Objective, Selection, TemperaturePolicy, TokenContext, TokenSelector
 from ..parallel import masked_logits_fp32
 
-__all__ = ["LossParts", "distill_loss", "REPORT_KEYS", "build_loss_parts", "cross_entropy_sum"]
+__all__ = ["LossParts", "distill_loss", "REPORT_KEYS", "build_loss_parts", "cross_entropy_sum", "any_nonfinite",
+           "empty_report", "finish_report"]
 
 IGNORE_INDEX = -100
 
 #: Keys of the per-microbatch report, all additive.
 REPORT_KEYS = ("kd_sum", "kd_count", "ce_sum", "ce_count", "valid_tokens", "kept_tokens", "total_tokens",
-               "empty_microbatches", "nonfinite")
+               "empty_microbatches", "nonfinite", "aligned", "student_targets")
 
 
 @dataclass
@@ -127,7 +131,7 @@ def cross_entropy_sum(student_logits: torch.Tensor, labels: torch.Tensor, *, tp_
     return per_token.sum()
 
 
-def _any_nonfinite(student: torch.Tensor, teacher: torch.Tensor, tp_group: Any) -> bool:
+def any_nonfinite(student: torch.Tensor, teacher: torch.Tensor, tp_group: Any) -> bool:
     """Whether any valid row of either model has a NaN/Inf logit on *any* TP rank (collective over TP)."""
     flag = torch.tensor([0.0 if bool(torch.isfinite(student.detach()).all() and torch.isfinite(teacher).all())
                          else 1.0], device=student.device)
@@ -182,12 +186,9 @@ def distill_loss(
         valid = valid & loss_mask.reshape(-1).bool()
     idx = valid.nonzero(as_tuple=True)[0]
     n_valid = int(idx.numel())
-    f64 = dict(dtype=torch.float64, device=student_logits.device)
-    report = {k: torch.zeros((), **f64) for k in REPORT_KEYS}
-    report["total_tokens"] += lab_all.numel()
-    report["valid_tokens"] += n_valid
+    report = empty_report(student_logits, lab_all, n_valid)
 
-    if n_valid > 0 and _any_nonfinite(s_all[idx], t_all[idx], tp_group):
+    if n_valid > 0 and any_nonfinite(s_all[idx], t_all[idx], tp_group):
         # Objectives reject NaN logits with an error; here the step is flagged instead, so the
         # training loop can skip it on every rank together (TP ranks agree through the MAX above).
         report["nonfinite"] += 1
@@ -222,18 +223,44 @@ def distill_loss(
             kd_sum = per_token.float().sum()
         kd_count = n_kept if selection.normalize_by == "kept" else n_valid
 
+    return finish_report(report, parts, kd_sum, kd_count, s_all, lab_all, idx, tp_group=tp_group,
+                         vocab_size=vocab_size)
+
+
+def empty_report(student_logits: torch.Tensor, labels: torch.Tensor, n_valid: int) -> dict[str, torch.Tensor]:
+    """A zero report (every key of :data:`REPORT_KEYS`) with the token counts of one microbatch."""
+    f64 = dict(dtype=torch.float64, device=student_logits.device)
+    report = {k: torch.zeros((), **f64) for k in REPORT_KEYS}
+    report["total_tokens"] += labels.numel()
+    report["valid_tokens"] += n_valid
+    return report
+
+
+def finish_report(report: dict[str, torch.Tensor], parts: LossParts, kd_sum: torch.Tensor, kd_count: int,
+                  s_all: torch.Tensor, lab_all: torch.Tensor, idx: torch.Tensor, *, tp_group: Any,
+                  vocab_size: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Add the student's CE on rows ``idx`` and combine: ``(kd_weight*kd + ce_weight*ce, count, report)``.
+
+    The CE is computed after the KD loss (megatron's CE overwrites fp32
+    logits in place; it gets a private copy anyway), with gradient only when
+    ``ce_weight > 0``. ``count`` is ``kd_count``, or the valid-token count when
+    ``kd_weight == 0``.
+    """
+    n_valid = int(idx.numel())
     ce_sum = _zero(s_all)
-    if parts.ce_weight > 0 and n_valid > 0:
-        # After the KD loss, on a private copy: megatron's CE overwrites fp32 logits in place.
-        ce_sum = cross_entropy_sum(s_all[idx], lab_all[idx], tp_group=tp_group, vocab_size=vocab_size)
+    if n_valid > 0:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and parts.ce_weight > 0):
+            ce = cross_entropy_sum(s_all[idx], lab_all[idx], tp_group=tp_group, vocab_size=vocab_size)
         report["ce_count"] += n_valid
+        report["ce_sum"] += ce.detach().double()
+        if parts.ce_weight > 0:
+            ce_sum = ce
     count = kd_count if parts.kd_weight > 0 else n_valid
     if count == 0:
         report["empty_microbatches"] += 1
     report["kd_sum"] += kd_sum.detach().double()
     report["kd_count"] += kd_count
-    report["ce_sum"] += ce_sum.detach().double()
     loss = parts.kd_weight * kd_sum + parts.ce_weight * ce_sum
-    if not bool(torch.isfinite(loss.detach())):
+    if not bool(torch.isfinite(loss.detach())) or not bool(torch.isfinite(report["ce_sum"])):
         report["nonfinite"] += 1
     return loss, torch.tensor(count, dtype=torch.int64, device=loss.device), report

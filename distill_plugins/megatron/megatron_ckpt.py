@@ -268,7 +268,11 @@ def load_megatron_checkpoint(model: torch.nn.Module, path: str, *, strict: bool 
             continue
         if sh.key in _VOCAB_KEYS and got[1:] == want[1:] and got[0] >= layout.vocab_size:
             buf = torch.empty(got, dtype=sh.data.dtype)
-            sharded[name] = ShardedTensor.from_rank_offsets(sh.key, buf, replica_id=sh.replica_id)
+            # every TP rank reads the whole tensor: only TP rank 0 may be the main replica
+            replica = sh.replica_id
+            replica = (replica[0], layout.tp_rank, *replica[2:]) if isinstance(replica, tuple) and len(replica) >= 2 \
+                else (replica, layout.tp_rank) if layout.tp_rank else replica
+            sharded[name] = ShardedTensor.from_rank_offsets(sh.key, buf, replica_id=replica)
             whole[name] = got[0]
             continue
         raise DistillError(f"{ckpt_dir}: tensor {sh.key!r} was saved with global shape {got} but the model "

@@ -21,11 +21,11 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 from ..recipe.schema import ModelSpec, ParallelSpec, padded_vocab_size
+from ..shapes import ffn_hidden_size
 
 __all__ = ["ModelInfo", "describe_model", "count_parameters", "vocab_mismatch_error"]
 
@@ -62,7 +62,7 @@ class ModelInfo:
         vocab = "vocab from the tokenizer" if self.vocab_size is None else \
             f"vocab {self.vocab_size} -> padded {self.padded_vocab_size} (TP={self.tensor})"
         return (f"{self.role}: {self.family} ({self.source}) {s.num_layers} layers, hidden {s.hidden_size}, "
-                f"{s.num_attention_heads} heads / {groups} kv, ffn {_ffn(s)}, {params}, {vocab}"
+                f"{s.num_attention_heads} heads / {groups} kv, ffn {ffn_hidden_size(s)}, {params}, {vocab}"
                 + (", tied embeddings" if s.tie_embeddings else ""))
 
 
@@ -73,17 +73,9 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def _ffn(spec: ModelSpec) -> int:
-    if spec.ffn_hidden_size is not None:
-        return spec.ffn_hidden_size
-    if spec.arch == "gpt2":
-        return 4 * spec.hidden_size
-    return int(math.ceil(8 * spec.hidden_size / 3 / 64) * 64)
-
-
 def count_parameters(spec: ModelSpec, vocab_size: int) -> int:
     """Parameters of ``spec`` with ``vocab_size`` real rows (tied embeddings counted once)."""
-    h, f, L = spec.hidden_size, _ffn(spec), spec.num_layers
+    h, f, L = spec.hidden_size, ffn_hidden_size(spec), spec.num_layers
     nh = spec.num_attention_heads
     ng = spec.num_query_groups or nh
     d = h // nh

@@ -67,6 +67,7 @@ import torch.nn.functional as F
 
 from ..errors import DistillError, RecipeError
 from ..recipe.schema import ModelSpec, ParallelSpec, padded_vocab_size
+from ..shapes import ffn_hidden_size
 
 __all__ = [
     "ModelLayout",
@@ -98,15 +99,6 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 # Shapes
 # ---------------------------------------------------------------------------
-
-
-def ffn_hidden_size(spec: ModelSpec) -> int:
-    """``spec.ffn_hidden_size``, else 4h (gpt2) or 8h/3 rounded up to a multiple of 64 (llama)."""
-    if spec.ffn_hidden_size is not None:
-        return spec.ffn_hidden_size
-    if spec.arch == "gpt2":
-        return 4 * spec.hidden_size
-    return int(math.ceil(8 * spec.hidden_size / 3 / 64) * 64)
 
 
 def pipeline_layer_split(num_layers: int, pipeline: int, *, who: str = "model") -> list[int]:

@@ -17,6 +17,16 @@ hidden dimension: ``[s, b, h_student + h_teacher]``.
   vocab-parallel; the schedule hands them to the loss function.
 * The send/receive shape is set with the schedule's ``adjust_tensor_shapes_fn``
   (:func:`pipeline_tensor_shapes`), so the models' own configs stay untouched.
+* Different tokenizers: the batch carries ``teacher_tokens`` (same length as the
+  student's ``tokens``), and the first stage feeds those to the teacher.
+* Hidden states for aligners that project them (DSKD):
+  :meth:`DistillStage.capture_hidden_states` makes the last stage also return
+  both output layers' inputs ``[s, b, h]`` (after the final norm), taken by a
+  forward pre-hook on each ``output_layer``.
+* Trainable aligner modules (DSKD projectors) are attached to the last stage
+  with :meth:`DistillStage.attach_aligner_modules` *before* DDP wraps it, so
+  their parameters join DDP's buckets, the optimizer and gradient clipping;
+  they stay out of ``state_dict()`` (the aligner saves them itself).
 
 The teacher is *not* a registered submodule (it is kept in a plain list), so
 ``parameters()``, DDP buckets, the optimizer and ``state_dict()`` /
@@ -73,6 +83,7 @@ class DistillStage(_megatron_module()):  # type: ignore[misc]
         if (teacher.pre_process, teacher.post_process) != (self.first_stage, self.last_stage):
             raise RecipeError("student and teacher disagree on first/last pipeline stage")
         self.model_type = getattr(student, "model_type", None)
+        self._hidden: Optional[dict] = None  # who -> captured output-layer input, when capturing
 
     @property
     def student(self) -> torch.nn.Module:
@@ -86,6 +97,32 @@ class DistillStage(_megatron_module()):  # type: ignore[misc]
     def hidden_size(self) -> int:
         """Width of the tensor sent between stages: student hidden + teacher hidden."""
         return self.student_hidden + self.teacher_hidden
+
+    # -- aligner support ----------------------------------------------------------
+    def capture_hidden_states(self) -> None:
+        """Make the last stage return ``(s_logits, t_logits, s_hidden, t_hidden)``.
+
+        ``*_hidden`` are ``[s, b, h]`` inputs of each model's output layer
+        (after the final norm); the student's keeps its graph.
+        """
+        if not self.last_stage or self._hidden is not None:
+            return
+        self._hidden = {}
+        for who, model in (("student", self.student), ("teacher", self.teacher)):
+            def hook(module, args, who=who):
+                self._hidden[who] = args[0]
+            model.output_layer.register_forward_pre_hook(hook)
+
+    def attach_aligner_modules(self, modules: list) -> None:
+        """Register trainable aligner modules (DSKD projectors) on this stage, before DDP wraps it."""
+        self.aligner_modules = torch.nn.ModuleList(modules)
+
+    def output_weight(self, who: str) -> torch.Tensor:
+        """This rank's shard ``[V_local, h]`` of ``who``'s output-layer weight (last stage)."""
+        model = self.student if who == "student" else self.teacher
+        if getattr(model, "share_embeddings_and_output_weights", False):
+            return model.shared_embedding_or_output_weight()
+        return model.output_layer.weight
 
     # -- what megatron's schedule calls ----------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
@@ -102,12 +139,18 @@ class DistillStage(_megatron_module()):  # type: ignore[misc]
         self.student.set_input_tensor(input_tensor[..., : self.student_hidden])
         self.teacher.set_input_tensor(input_tensor[..., self.student_hidden:].detach())
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask=None):
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask=None,
+                teacher_input_ids: Optional[torch.Tensor] = None):
+        """``teacher_input_ids``: the teacher's own tokens when its tokenizer differs (first stage)."""
         self.teacher.eval()
+        t_ids = input_ids if teacher_input_ids is None else teacher_input_ids
         with torch.no_grad():
-            t_out = self.teacher(input_ids, position_ids, attention_mask)
+            t_out = self.teacher(t_ids, position_ids, attention_mask)
         s_out = self.student(input_ids, position_ids, attention_mask)
         if self.last_stage:
+            if self._hidden is not None:
+                hidden, self._hidden = self._hidden, {}
+                return s_out, t_out, hidden["student"], hidden["teacher"]
             return s_out, t_out
         return torch.cat([s_out, t_out.to(s_out.dtype)], dim=-1)
 
@@ -173,8 +216,8 @@ def forward_backward(
         model: the DDP-wrapped :class:`DistillStage` (or a bare one).
         batches: this rank's microbatches (every pipeline stage reads the same
             ones; only the first uses tokens and only the last uses labels).
-        loss_fn: ``loss_fn(batch, (student_logits, teacher_logits)) ->
-            (loss_sum, count, report)``; called on the last stage only.
+        loss_fn: ``loss_fn(batch, (student_logits, teacher_logits[, student_hidden,
+            teacher_hidden])) -> (loss_sum, count, report)``; called on the last stage only.
         num_microbatches, seq_length, micro_batch_size: the step's shape.
         forward_only: no backward (evaluation).
 
@@ -188,7 +231,8 @@ def forward_backward(
     def forward_step(data_iterator, m):
         batch = next(data_iterator)
         tokens = batch["tokens"]
-        out = m(tokens, batch.get("position_ids", position_ids_for(tokens)), None)
+        teacher_kw = {"teacher_input_ids": batch["teacher_tokens"]} if "teacher_tokens" in batch else {}
+        out = m(tokens, batch.get("position_ids", position_ids_for(tokens)), None, **teacher_kw)
         return out, partial(loss_fn, batch)
 
     from megatron.core import parallel_state as ps

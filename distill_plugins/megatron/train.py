@@ -93,21 +93,21 @@ class StepResult:
 
 
 def reduce_reports(reports: list[dict[str, torch.Tensor]], ctx: ParallelContext, *, is_last_stage: bool,
-                   device: Any = "cpu") -> dict[str, float]:
+                   device: Any = "cpu", keys: tuple[str, ...] = REPORT_KEYS) -> dict[str, float]:
     """Sum per-microbatch reports, all-reduce over DP, broadcast from the last pipeline stage.
 
-    Every rank calls it; the result is identical everywhere.
+    Every rank calls it with the same ``keys``; the result is identical everywhere.
     """
-    vec = torch.zeros(len(REPORT_KEYS), dtype=torch.float64, device=device)
+    vec = torch.zeros(len(keys), dtype=torch.float64, device=device)
     if is_last_stage:
         for r in reports:
-            vec += torch.stack([r[k].to(vec) for k in REPORT_KEYS])
+            vec += torch.stack([r[k].to(vec) for k in keys])
         if ctx.dp_group is not None and dist.get_world_size(ctx.dp_group) > 1:
             dist.all_reduce(vec, group=ctx.dp_group)
     if ctx.pp_group is not None and dist.get_world_size(ctx.pp_group) > 1:
         last = dist.get_global_rank(ctx.pp_group, dist.get_world_size(ctx.pp_group) - 1)
         dist.broadcast(vec, src=last, group=ctx.pp_group)
-    return {k: float(v) for k, v in zip(REPORT_KEYS, vec.tolist())}
+    return {k: float(v) for k, v in zip(keys, vec.tolist())}
 
 
 class Trainer:
@@ -115,10 +115,13 @@ class Trainer:
 
     def __init__(self, *, recipe: Recipe, ctx: ParallelContext, model, stage: DistillStage, optimizer, scheduler,
                  parts: LossParts, data: Iterator[dict[str, torch.Tensor]], vocab_size: int,
-                 host: Any = None, cpu: bool = False, output_dir: Optional[str] = None):
+                 host: Any = None, cpu: bool = False, output_dir: Optional[str] = None, aligner=None):
         self.recipe, self.ctx, self.model, self.stage = recipe, ctx, model, stage
         self.optimizer, self.scheduler, self.parts, self.data = optimizer, scheduler, parts, data
         self.vocab_size, self.host, self.cpu = vocab_size, host, cpu
+        #: the :class:`~.alignment.AlignerRuntime`, or None (one vocabulary, usual glue)
+        self.aligner = aligner
+        self.report_keys = REPORT_KEYS + (aligner.report_keys if aligner is not None else ())
         self.output_dir = output_dir if output_dir is not None else recipe.output_dir
         t = recipe.training
         self.num_microbatches = num_microbatches(t.global_batch_size, t.micro_batch_size, ctx.dp_size)
@@ -139,13 +142,18 @@ class Trainer:
     def build(cls, recipe: Recipe, parts: LossParts, *, ctx: ParallelContext, data: Iterator, vocab_size: int,
               host: Any = None, cpu: bool = False, output_dir: Optional[str] = None,
               student_init: Optional[Callable[[torch.nn.Module], None]] = None,
-              teacher_init: Optional[Callable[[torch.nn.Module], None]] = None) -> "Trainer":
+              teacher_init: Optional[Callable[[torch.nn.Module], None]] = None,
+              teacher_vocab_size: Optional[int] = None, aligner=None) -> "Trainer":
         """Build student, teacher, DDP, optimizer and scheduler for ``recipe``.
 
         ``parallel_state`` must be initialised. ``student_init(model)`` replaces
         the student's default initialisation (weights from ``student.hf`` /
         ``.megatron`` / ``.checkpoint``, else a layout-independent random init);
         ``teacher_init(model)`` runs after the teacher is loaded (tests).
+        ``teacher_vocab_size``: the teacher's real vocabulary when its tokenizer
+        differs (default ``vocab_size``); ``aligner``: an
+        :class:`~.alignment.AlignerRuntime` (its trainable modules join the
+        optimizer).
         """
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed import finalize_model_grads
@@ -163,14 +171,19 @@ class Trainer:
             student_init(student)
         else:
             load_model_weights(student, recipe.student, seed=recipe.seed, who="student")
-        teacher = build_teacher(recipe.teacher, par, vocab_size=vocab_size, precision=t.precision, cpu=cpu,
+        teacher_vocab = vocab_size if teacher_vocab_size is None else teacher_vocab_size
+        teacher = build_teacher(recipe.teacher, par, vocab_size=teacher_vocab, precision=t.precision, cpu=cpu,
                                 seed=recipe.seed + 1)
         if teacher_init is not None:
             with torch.no_grad():
                 teacher_init(teacher)
-        if models.model_layout(teacher).padded_vocab_size != models.model_layout(student).padded_vocab_size:
+        cross_vocab = aligner is not None and aligner.computes_loss
+        if not cross_vocab and \
+                models.model_layout(teacher).padded_vocab_size != models.model_layout(student).padded_vocab_size:
             raise RecipeError("student and teacher padded vocabularies differ; they need the same vocab_size")
         stage = DistillStage(student, teacher)
+        if aligner is not None:
+            aligner.attach(stage, tp_group=ctx.tp_group, seed=recipe.seed)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=t.precision != "fp32",
             overlap_grad_reduce=False,
@@ -183,7 +196,8 @@ class Trainer:
             bf16=t.precision == "bf16", fp16=t.precision == "fp16",
             params_dtype=student.config.params_dtype, use_distributed_optimizer=par.distributed_optimizer,
         )
-        optimizer = get_megatron_optimizer(opt_config, [model])
+        overrides = aligner.optimizer_overrides(opt_config) if aligner is not None else None
+        optimizer = get_megatron_optimizer(opt_config, [model], config_overrides=overrides)
         scheduler = OptimizerParamScheduler(
             optimizer, init_lr=0.0 if t.warmup_steps > 0 else t.lr, max_lr=t.lr, min_lr=t.min_lr,
             lr_warmup_steps=t.warmup_steps, lr_decay_steps=t.steps, lr_decay_style=t.lr_decay,
@@ -195,7 +209,8 @@ class Trainer:
         if t.precision == "fp16":
             config.grad_scale_func = optimizer.scale_loss
         return cls(recipe=recipe, ctx=ctx, model=model, stage=stage, optimizer=optimizer, scheduler=scheduler,
-                   parts=parts, data=data, vocab_size=vocab_size, host=host, cpu=cpu, output_dir=output_dir)
+                   parts=parts, data=data, vocab_size=vocab_size, host=host, cpu=cpu, output_dir=output_dir,
+                   aligner=aligner)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -207,9 +222,14 @@ class Trainer:
         return self.recipe.training.steps
 
     def _loss_fn(self, batch: dict[str, torch.Tensor], output) -> tuple:
-        student_logits, teacher_logits = output
+        student_logits, teacher_logits = output[0], output[1]
         if self.logits_hook is not None:
             student_logits = self.logits_hook(self.step, student_logits)
+        if self.aligner is not None and self.aligner.computes_loss:
+            loss, count, report = self.aligner.loss(batch, (student_logits, teacher_logits, *output[2:]), self.parts,
+                                                    tp_group=self.ctx.tp_group, step=self.step,
+                                                    total_steps=self.total_steps)
+            return loss, count.to(torch.int), report
         loss, count, report = distill_loss(
             student_logits, teacher_logits, batch["labels"], self.parts, loss_mask=batch.get("loss_mask"),
             tp_group=self.ctx.tp_group, vocab_size=self.vocab_size, step=self.step, total_steps=self.total_steps)
@@ -248,7 +268,7 @@ class Trainer:
         self.optimizer.zero_grad()
         reports = forward_backward(self.model, self.data, self._loss_fn, num_microbatches=self.num_microbatches,
                                    seq_length=self.recipe.data.seq_length, micro_batch_size=t.micro_batch_size)
-        sums = reduce_reports(reports, self.ctx, is_last_stage=self.is_last_stage)
+        sums = reduce_reports(reports, self.ctx, is_last_stage=self.is_last_stage, keys=self.report_keys)
         local_bad = not self._grads_finite()
         if self.is_last_stage:
             local_bad = local_bad or sums["nonfinite"] > 0 or not math.isfinite(sums["kd_sum"] + sums["ce_sum"])
@@ -297,6 +317,11 @@ class Trainer:
         norm = sums["kd_count"] if p.kd_weight > 0 else sums["valid_tokens"]
         loss = (p.kd_weight * sums["kd_sum"] + p.ce_weight * sums["ce_sum"]) / norm if norm > 0 else 0.0
         valid = sums["valid_tokens"]
+        aligned = {}
+        if sums["student_targets"] > 0:  # loss-computing aligners: coverage and per-term token means
+            aligned["aligned_fraction"] = sums["aligned"] / sums["student_targets"]
+            for key in self.report_keys[len(REPORT_KEYS):]:
+                aligned[key] = sums[key] / sums["aligned"] if sums["aligned"] > 0 else 0.0
         if not skipped:
             self._steps_timed += 1
             self._tokens_timed += sums["total_tokens"]
@@ -310,7 +335,7 @@ class Trainer:
             "kept_tokens": sums["kept_tokens"], "kept_fraction": sums["kept_tokens"] / valid if valid > 0 else 0.0,
             "tokens_per_second": tps, "step_time_s": elapsed, "eta_s": eta, "skipped": float(skipped),
             "nonfinite_skips": float(self.nonfinite_skips), "consecutive_nonfinite": float(self.consecutive_nonfinite),
-            "empty_microbatches": float(self.empty_microbatches),
+            "empty_microbatches": float(self.empty_microbatches), **aligned,
         }
 
     def _report(self, result: StepResult) -> None:
@@ -330,11 +355,11 @@ class Trainer:
         every = self.recipe.training.log_interval
         if result.skipped or result.step % every == 0 or result.step == self.total_steps:
             eta = m["eta_s"]
-            log.info("step %d/%d  loss %.4f  kd %.4f%s  lr %.2e  gnorm %.3f  tok/s %.0f  kept %.2f  ETA %dm%02ds%s",
-                     result.step, self.total_steps, m["loss"], m["kd_loss"],
-                     f"  ce {m['ce_loss']:.4f}" if self.parts.ce_weight > 0 else "", m["lr"], m["grad_norm"],
-                     m["tokens_per_second"], m["kept_fraction"], int(eta // 60), int(eta % 60),
-                     "  SKIPPED (non-finite)" if result.skipped else "")
+            coverage = f"  aligned {m['aligned_fraction']:.2f}" if "aligned_fraction" in m else ""
+            log.info("step %d/%d  loss %.4f  kd %.4f  ce %.4f  lr %.2e  gnorm %.3f  tok/s %.0f  kept %.2f%s  "
+                     "ETA %dm%02ds%s", result.step, self.total_steps, m["loss"], m["kd_loss"], m["ce_loss"], m["lr"],
+                     m["grad_norm"], m["tokens_per_second"], m["kept_fraction"], coverage, int(eta // 60),
+                     int(eta % 60), "  SKIPPED (non-finite)" if result.skipped else "")
 
     # ------------------------------------------------------------------ state
     def counters(self) -> dict[str, int]:
@@ -361,13 +386,16 @@ class Trainer:
                                        forward_only=True)
         finally:
             self.model.train()
-        sums = reduce_reports(reports, self.ctx, is_last_stage=self.is_last_stage)
+        sums = reduce_reports(reports, self.ctx, is_last_stage=self.is_last_stage, keys=self.report_keys)
         out = {"eval_kd_loss": sums["kd_sum"] / sums["kd_count"] if sums["kd_count"] > 0 else 0.0,
                "eval_ce_loss": sums["ce_sum"] / sums["ce_count"] if sums["ce_count"] > 0 else 0.0,
                "eval_tokens": sums["valid_tokens"]}
+        if sums["student_targets"] > 0:
+            out["eval_aligned_fraction"] = sums["aligned"] / sums["student_targets"]
         rank = dist.get_rank() if dist.is_initialized() else 0
         if rank == 0:
-            log.info("eval @ step %d  kd %.4f  tokens %d", self.step, out["eval_kd_loss"], int(out["eval_tokens"]))
+            log.info("eval @ step %d  kd %.4f  ce %.4f  tokens %d", self.step, out["eval_kd_loss"],
+                     out["eval_ce_loss"], int(out["eval_tokens"]))
             if self.output_dir:
                 os.makedirs(self.output_dir, exist_ok=True)
                 with open(os.path.join(self.output_dir, "metrics.jsonl"), "a") as f:

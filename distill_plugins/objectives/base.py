@@ -36,7 +36,7 @@ import torch
 
 from distill_plugins.errors import InputError
 from distill_plugins.interfaces import Objective, Temperature
-from distill_plugins.parallel import DEFAULT_CHUNK_ELEMENTS, group_size, local_real_width, row_chunks
+from distill_plugins.parallel import DEFAULT_CHUNK_ELEMENTS, finite_shift, group_size, local_real_width, row_chunks
 
 __all__ = [
     "ShardInfo",
@@ -46,8 +46,11 @@ __all__ = [
     "check_flags",
     "check_global_max",
     "check_pair",
+    "grad_coefficient",
     "inverse_temperature",
+    "row_max",
     "scaled_chunk",
+    "scaled_chunk_and_shift",
 ]
 
 
@@ -137,6 +140,31 @@ def scaled_chunk(x: torch.Tensor, rows: slice, width: int, inv_tau: Optional[tor
     if inv_tau is not None:
         c = c * inv_tau[rows].unsqueeze(1)
     return c
+
+
+def row_max(x: torch.Tensor) -> torch.Tensor:
+    """Row maxima ``[r]`` of a ``[r, w]`` chunk; -inf for a chunk with no columns (``amax`` refuses those)."""
+    if x.shape[1] == 0:
+        return x.new_full((x.shape[0],), float("-inf"))
+    return x.amax(dim=1)
+
+
+def scaled_chunk_and_shift(x: torch.Tensor, rows: slice, width: int,
+                           inv_tau: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """How every forward pass opens a chunk: ``(c, m, s)``.
+
+    ``c`` is :func:`scaled_chunk` (fp32, real columns only, divided by tau; never
+    mutate it), ``m`` its local row maxima and ``s = finite_shift(m)`` the shift to
+    subtract before exponentiating. Only ``[r]`` vectors are added to the chunk.
+    """
+    c = scaled_chunk(x, rows, width, inv_tau)
+    m = row_max(c)
+    return c, m, finite_shift(m)
+
+
+def grad_coefficient(grad_loss: torch.Tensor, inv_tau: Optional[torch.Tensor]) -> torch.Tensor:
+    """fp32 ``[N]`` factor of every backward: ``grad_loss / tau`` (the chain rule through ``f / tau``)."""
+    return grad_loss.float() if inv_tau is None else grad_loss.float() * inv_tau
 
 
 class Workspace:

@@ -36,11 +36,12 @@ from distill_plugins.objectives.base import (
     Workspace,
     check_flags,
     check_global_max,
+    grad_coefficient,
     gradient_buffer,
     nan_flags,
     scaled_chunk,
+    scaled_chunk_and_shift,
 )
-from distill_plugins.objectives.kl import _row_max
 from distill_plugins.parallel import all_reduce_max_packed, all_reduce_sum_, finite_shift, rescale_partials_
 
 __all__ = ["GapSpec", "weighted_gap_moments"]
@@ -89,10 +90,8 @@ class _GapFunction(torch.autograd.Function):
         if w > 0:
             ws = Workspace(info, 3, student.device)
             for rows in info.chunks():
-                a = scaled_chunk(student, rows, w, inv_tau)
-                b = scaled_chunk(teacher, rows, w, inv_tau)
-                ma, mb = _row_max(a), _row_max(b)
-                sa, sb = finite_shift(ma), finite_shift(mb)
+                a, ma, sa = scaled_chunk_and_shift(student, rows, w, inv_tau)
+                b, mb, sb = scaled_chunk_and_shift(teacher, rows, w, inv_tau)
                 ms, mt = ma / spec.s_temperature, mb / spec.t_temperature
                 if spec.center:  # d - c_r with c_r = sa - sb: (a - sa) - (b - sb)
                     c_r = sa - sb
@@ -171,7 +170,7 @@ class _GapFunction(torch.autograd.Function):
             return None, None, None, None, None
         info, spec = ctx.info, ctx.spec
         grad = gradient_buffer(student, info)
-        coef = grad_loss.float() if inv_tau is None else grad_loss.float() * inv_tau
+        coef = grad_coefficient(grad_loss, inv_tau)
         w = info.width
         inv_v = 1.0 / float(info.vocab_size)
         if w > 0:

@@ -38,21 +38,17 @@ from distill_plugins.objectives.base import (
     Workspace,
     check_flags,
     check_global_max,
+    grad_coefficient,
     gradient_buffer,
     nan_flags,
     scaled_chunk,
+    scaled_chunk_and_shift,
 )
-from distill_plugins.parallel import finite_shift, merge_partials
+from distill_plugins.parallel import merge_partials
 
 __all__ = ["ForwardKL", "ReverseKL", "vocab_parallel_kl"]
 
 _NAMES = ("student_logits", "teacher_logits")
-
-
-def _row_max(x: torch.Tensor) -> torch.Tensor:
-    if x.shape[1] == 0:
-        return x.new_full((x.shape[0],), float("-inf"))
-    return x.amax(dim=1)
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -75,10 +71,8 @@ class _KLFunction(torch.autograd.Function):
         if w > 0:
             ws = Workspace(info, 4, student.device)
             for rows in info.chunks():
-                a = scaled_chunk(student, rows, w, inv_tau)
-                b = scaled_chunk(teacher, rows, w, inv_tau)
-                ma, mb = _row_max(a), _row_max(b)
-                sa, sb = finite_shift(ma), finite_shift(mb)
+                a, ma, sa = scaled_chunk_and_shift(student, rows, w, inv_tau)
+                b, mb, sb = scaled_chunk_and_shift(teacher, rows, w, inv_tau)
                 ua = torch.sub(a, sa.unsqueeze(1), out=ws.get(0, rows))
                 ub = torch.sub(b, sb.unsqueeze(1), out=ws.get(1, rows))
                 ea = torch.exp(ua, out=ws.get(2, rows))
@@ -122,7 +116,7 @@ class _KLFunction(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
         grad = gradient_buffer(student, info)
-        coef = grad_loss.float() if inv_tau is None else grad_loss.float() * inv_tau
+        coef = grad_coefficient(grad_loss, inv_tau)
         w = info.width
         if w > 0:
             ws = Workspace(info, 2, student.device)

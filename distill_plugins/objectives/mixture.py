@@ -37,10 +37,12 @@ from distill_plugins.objectives.base import (
     VocabParallelObjective,
     check_flags,
     check_global_max,
+    grad_coefficient,
     scaled_chunk,
+    scaled_chunk_and_shift,
 )
-from distill_plugins.objectives.kl import _row_max, vocab_parallel_kl
-from distill_plugins.parallel import all_reduce_sum_, finite_shift, merge_partials
+from distill_plugins.objectives.kl import vocab_parallel_kl
+from distill_plugins.parallel import all_reduce_sum_, merge_partials
 
 __all__ = ["JSD", "TVD", "SkewKL", "SkewReverseKL", "vocab_parallel_normalizers"]
 
@@ -62,9 +64,8 @@ def vocab_parallel_normalizers(student: torch.Tensor, teacher: torch.Tensor, inv
     if w > 0:
         for rows in info.chunks():
             for j, x in enumerate((student, teacher)):
-                c = scaled_chunk(x, rows, w, inv_tau)
-                m = _row_max(c)
-                partials[rows, j] = torch.exp(c - finite_shift(m).unsqueeze(1)).sum(dim=1)
+                c, m, s = scaled_chunk_and_shift(x, rows, w, inv_tau)
+                partials[rows, j] = torch.exp(c - s.unsqueeze(1)).sum(dim=1)
                 local_max[rows, j] = m
                 flags[rows, j] = torch.isnan(m).float()
     global_max, partials, gflags = merge_partials(local_max, partials, (0, 1), info.group, flags)
@@ -179,7 +180,7 @@ class _MixtureFunction(torch.autograd.Function):
             return None, None, None, None, None
         info, terms = ctx.info, ctx.terms
         grad = torch.zeros_like(student)
-        coef = grad_loss.float() if inv_tau is None else grad_loss.float() * inv_tau
+        coef = grad_coefficient(grad_loss, inv_tau)
         w = info.width
         if w > 0:
             for rows in info.chunks():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import to_plain
+from .schema import recipe_data
 
 
 def git_revision(path: str | Path = ".") -> str:
@@ -50,7 +50,7 @@ def write_run_record(recipe, host, output_dir: str | Path) -> Path:
     """Write the run record into ``output_dir`` (created if needed) and return that path."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.resolved.yaml").write_text(yaml.safe_dump(to_plain(recipe), sort_keys=False))
+    (out / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe_data(recipe), sort_keys=False))
     plugins = {"plugins": [p.__dict__ for p in host.plugins], "parts": plugin_table(host)}
     (out / "plugins.json").write_text(json.dumps(plugins, indent=2) + "\n")
     package_dir = Path(__file__).resolve().parents[2]

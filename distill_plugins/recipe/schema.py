@@ -228,3 +228,14 @@ PART_SECTIONS: dict[str, str] = {
     "temperature": "temperature_policy",
     "aligner": "vocab_aligner",
 }
+
+
+def recipe_data(recipe: Recipe) -> dict[str, Any]:
+    """``recipe`` as recipe-file data (part sections flattened to ``{name: x, <params>}``); loads back unchanged."""
+    from ..config import to_plain
+
+    data = to_plain(recipe)
+    for section in PART_SECTIONS:
+        spec = data[section]
+        data[section] = {"name": spec["name"], **spec.get("params", {})}
+    return data

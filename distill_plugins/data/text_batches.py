@@ -1,0 +1,306 @@
+"""Resumable microbatches of raw text for cross-tokenizer aligners (eta, dskd, uld).
+
+Design
+------
+A cross-tokenizer aligner pairs positions of two tokenizations of the same
+text, so its batches are built from text, not from token ids: sample ``i`` of
+a split is a string (:class:`PackedTextSource`), and
+:class:`~distill_plugins.data.alignment_collate.AlignmentCollator` encodes
+each microbatch with both tokenizers and aligns them.
+
+Packing: with ``N`` documents, ``epoch, j = divmod(i, N)`` and ``order =
+default_rng([seed, SPLIT_CODES[split], epoch]).permutation(N)``. Sample ``i``
+is document ``order[j]`` followed by ``order[j+1], order[j+2], ...``
+(wrapping, at most ``N`` documents) joined by ``"\\n\\n"`` until it has at
+least ``chars_budget`` characters (default ``max_chars_per_token *
+(seq_length + 2)``, the collator's encoding window), so short documents still
+fill the sequence. Blank documents are dropped.
+
+Order and resumption follow :mod:`distill_plugins.data.iterators`: sample
+``i`` is a pure function of ``(seed, split, i)``; microbatch ``k`` of DP rank
+``r`` covers global samples ``[c + r*b, c + (r+1)*b)`` with ``c`` the consumed
+count, and every rank adds ``b * dp_size`` after each microbatch.
+
+Batch: every :class:`AlignmentCollator` key (``student_*``, ``teacher_*``,
+``align_teacher_pos``, ``aligned_mask``, ``num_student_targets``,
+``num_aligned``) plus the keys of :class:`~distill_plugins.data.iterators.MicrobatchIterator`
+with the same meaning (``b`` rows, ``s = data.seq_length``)::
+
+    tokens        int64 [b, s]  = student_tokens
+    labels        int64 [b, s]  = student_labels (pre-shifted next tokens, -100 on padding)
+    loss_mask     f32   [b, s]  = labels != -100
+    position_ids  int64 [b, s]  0 .. s-1
+    sample_ids    int64 [b]     global sample index of each row
+
+Usage::
+
+    train = build_aligned_data(recipe, dp_rank=r, dp_size=dp, pairing="eta", consumed_samples=c)
+    batch = next(train)
+    held_out = build_aligned_eval_data(recipe, dp_rank=r, dp_size=dp)
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from .alignment_collate import AlignmentCollator
+from .iterators import _rank0_first, resolve_tokenizer
+from .sources import SPLIT_CODES, expand_inputs, iter_texts, split_ranges
+
+__all__ = ["text_documents", "PackedTextSource", "AlignedMicrobatchIterator", "AlignedEvalData",
+           "build_aligned_data", "build_aligned_eval_data"]
+
+#: Separator placed between packed documents.
+DOCUMENT_SEPARATOR = "\n\n"
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLIT_CODES:
+        raise ValueError(f"split={split!r} is not one of train, valid, test")
+
+
+def text_documents(recipe, split: str) -> list[str]:
+    """The raw documents of one split of ``recipe.data`` (``jsonl`` or ``embedded``), in corpus order.
+
+    ``jsonl`` splits by :func:`~distill_plugins.data.sources.split_ranges`
+    exactly as :func:`~distill_plugins.data.sources.jsonl_source` does, so the
+    token-id and text paths see the same documents per split. ``embedded``
+    reads the cached corpus (built by global rank 0 first; collective when
+    torch.distributed is initialised).
+
+    Raises:
+        InputError: another ``data.kind``, no ``data.paths``, or an empty split.
+    """
+    _check_split(split)
+    data = recipe.data
+    if data.kind == "jsonl":
+        if not data.paths:
+            raise InputError("data.kind=jsonl needs data.paths (JSONL files or globs)")
+        files = expand_inputs(data.paths)
+        texts = [t for f in files for t in iter_texts(f, data.text_key)]
+        lo, hi = split_ranges(len(texts), data.split)[split]
+        docs = texts[lo:hi]
+        where = f"data.split={data.split!r} over {len(texts)} documents in {', '.join(files)}"
+    elif data.kind == "embedded":
+        from .embedded import build_embedded_corpus  # local: keeps this module's import light
+
+        corpus = _rank0_first(build_embedded_corpus)
+        docs = list(corpus.texts(split))
+        where = f"the embedded corpus at {corpus.directory} (data.split={data.split!r} does not apply to it)"
+    else:
+        raise InputError(f"data.kind={data.kind!r}: cross-tokenizer aligners need raw text; set data.kind to "
+                         "jsonl or embedded (the token-id kinds synthetic and indexed cannot be re-tokenized)")
+    if not docs:
+        raise InputError(f"the {split} split is empty: {where}; give that split a larger share or more documents")
+    return docs
+
+
+class PackedTextSource:
+    """Sample ``i`` -> one text of at least ``chars_budget`` characters (see the module docstring).
+
+    Args:
+        documents: the split's documents; blank ones are dropped.
+        seed: the recipe seed.
+        split: ``train``, ``valid`` or ``test`` (part of the shuffle seed).
+        chars_budget: minimum characters per sample (fewer only when all
+            documents together are shorter).
+    """
+
+    def __init__(self, documents: Sequence[str], *, seed: int, split: str, chars_budget: int):
+        _check_split(split)
+        if chars_budget <= 0:
+            raise ValueError(f"chars_budget={chars_budget} must be > 0")
+        self.documents = [d for d in documents if d and not d.isspace()]
+        if not self.documents:
+            raise InputError(f"the {split} split has no non-blank documents ({len(documents)} given)")
+        self.seed, self.split, self.chars_budget = int(seed), split, int(chars_budget)
+        self.split_code = SPLIT_CODES[split]
+        self.num_documents = len(self.documents)
+        self._epoch, self._order = -1, None
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Document order of ``epoch``: ``default_rng([seed, split_code, epoch]).permutation(N)``."""
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, self.split_code, int(epoch)])
+            self._epoch, self._order = epoch, rng.permutation(self.num_documents)
+        return self._order
+
+    def sample(self, index: int) -> str:
+        """The text of global sample ``index`` (>= 0)."""
+        if index < 0:
+            raise ValueError(f"sample index {index} must be >= 0")
+        epoch, j = divmod(int(index), self.num_documents)
+        order = self.order(epoch)
+        parts, size = [], -len(DOCUMENT_SEPARATOR)
+        for k in range(self.num_documents):
+            doc = self.documents[int(order[(j + k) % self.num_documents])]
+            parts.append(doc)
+            size += len(DOCUMENT_SEPARATOR) + len(doc)
+            if size >= self.chars_budget:
+                break
+        return DOCUMENT_SEPARATOR.join(parts)
+
+
+def default_chars_budget(collator: AlignmentCollator) -> int:
+    """``max_chars_per_token * (seq_length + 2)``: the collator's own encoding window."""
+    return collator.max_chars_per_token * (collator.student.seq_length + 2)
+
+
+class AlignedMicrobatchIterator:
+    """One DP rank's microbatches of aligned text; resumable by consumed samples like ``MicrobatchIterator``.
+
+    Args:
+        source: a :class:`PackedTextSource` (``sample(i) -> str``).
+        collator: the :class:`AlignmentCollator` building each batch.
+        micro_batch_size: rows per microbatch on this rank.
+        dp_rank, dp_size: this rank's data-parallel coordinates.
+        consumed_samples: global samples already consumed (by all DP ranks together).
+        max_microbatches: stop after this many microbatches (None: never stop).
+        kind, split: recorded in :meth:`state_dict`; ``kind`` is checked on load.
+    """
+
+    def __init__(self, source: PackedTextSource, collator: AlignmentCollator, *, micro_batch_size: int,
+                 dp_rank: int, dp_size: int, consumed_samples: int = 0, max_microbatches: Optional[int] = None,
+                 kind: str = "", split: str = "train"):
+        if micro_batch_size <= 0:
+            raise ValueError(f"micro_batch_size={micro_batch_size} must be > 0")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_size={dp_size})")
+        self.source, self.collator = source, collator
+        self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+        self.consumed_samples = self._checked(consumed_samples)
+        self.max_microbatches = max_microbatches
+        self.kind, self.split = kind, split
+        self._yielded = 0
+        s = collator.student.seq_length
+        self._positions = torch.arange(s, dtype=torch.int64).unsqueeze(0).expand(micro_batch_size, s).contiguous()
+
+    def _checked(self, consumed: int) -> int:
+        step = self.micro_batch_size * self.dp_size
+        if consumed < 0 or consumed % step:
+            raise ValueError(f"consumed_samples={consumed} must be a non-negative multiple of "
+                             f"micro_batch_size*dp_size={step}")
+        return int(consumed)
+
+    def __iter__(self) -> "AlignedMicrobatchIterator":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.max_microbatches is not None and self._yielded >= self.max_microbatches:
+            raise StopIteration
+        first = self.consumed_samples + self.dp_rank * self.micro_batch_size
+        ids = list(range(first, first + self.micro_batch_size))
+        batch = self.collator([self.source.sample(i) for i in ids])
+        labels = batch["student_labels"]
+        batch.update(tokens=batch["student_tokens"], labels=labels, loss_mask=(labels != -100).float(),
+                     position_ids=self._positions.clone(), sample_ids=torch.tensor(ids, dtype=torch.int64))
+        self.consumed_samples += self.micro_batch_size * self.dp_size
+        self._yielded += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to resume this iterator: the global consumed-sample count."""
+        return {"consumed_samples": self.consumed_samples, "kind": self.kind, "split": self.split}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict` (same recipe data section)."""
+        if state.get("kind", self.kind) != self.kind:
+            raise InputError(f"checkpoint data state is for data.kind={state.get('kind')!r}, this run has "
+                             f"{self.kind!r}; resume with the data section the checkpoint was written with")
+        self.consumed_samples = self._checked(int(state["consumed_samples"]))
+
+
+class AlignedEvalData:
+    """A re-iterable held-out set: each ``iter()`` yields the same ``num_microbatches`` microbatches from sample 0."""
+
+    def __init__(self, source: PackedTextSource, collator: AlignmentCollator, *, micro_batch_size: int,
+                 dp_rank: int, dp_size: int, num_microbatches: int, kind: str, split: str):
+        self.source, self.collator, self.num_microbatches = source, collator, num_microbatches
+        self._kw = dict(micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, kind=kind, split=split)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return AlignedMicrobatchIterator(self.source, self.collator, consumed_samples=0,
+                                         max_microbatches=self.num_microbatches, **self._kw)
+
+    def __len__(self) -> int:
+        return self.num_microbatches
+
+
+# ---------------------------------------------------------------------------
+# Recipe -> iterators
+# ---------------------------------------------------------------------------
+
+
+def _tokenizer(recipe, which: str):
+    data = recipe.data
+    key = "data.teacher_tokenizer" if which == "teacher" and data.teacher_tokenizer else "data.tokenizer"
+    try:
+        tok = resolve_tokenizer(recipe, which)
+    except InputError as exc:
+        raise InputError(f"{key}: {exc}") from exc
+    if tok is None:
+        keys = "data.tokenizer (and data.teacher_tokenizer when the teacher's differs)"
+        raise InputError(f"cross-tokenizer aligners need the {which}'s tokenizer: set {keys} to a tokenizers "
+                         "JSON file, a Hugging Face tokenizer directory or embedded:N")
+    return tok
+
+
+def _tokenizers(recipe):
+    data = recipe.data
+    student = _tokenizer(recipe, "student")
+    same = data.teacher_tokenizer in (None, data.tokenizer)
+    return student, student if same else _tokenizer(recipe, "teacher")
+
+
+def _parts(recipe, split: str, pairing: str) -> tuple[PackedTextSource, AlignmentCollator]:
+    data = recipe.data
+    documents = text_documents(recipe, split)  # first: a wrong data.kind is the likelier mistake
+    specs = [data.tokenizer, data.teacher_tokenizer]
+    cached = data.kind == "embedded" or any(str(s).startswith("embedded:") for s in specs if s)
+    # embedded:N tokenizers are trained and cached on first use: rank 0 first, the others read its files
+    student, teacher = _rank0_first(lambda: _tokenizers(recipe)) if cached else _tokenizers(recipe)
+    collator = AlignmentCollator(student, teacher, seq_length=data.seq_length, teacher_seq_length=data.seq_length,
+                                 pairing=pairing)
+    source = PackedTextSource(documents, seed=recipe.seed, split=split, chars_budget=default_chars_budget(collator))
+    return source, collator
+
+
+def build_aligned_data(recipe, *, dp_rank: int, dp_size: int, pairing: str = "eta", consumed_samples: int = 0,
+                       split: str = "train") -> AlignedMicrobatchIterator:
+    """The cross-tokenizer training iterator of this DP rank: an endless stream of aligned microbatches.
+
+    Args:
+        recipe: a :class:`~distill_plugins.recipe.schema.Recipe`; uses ``data``
+            (kind jsonl or embedded, tokenizer, teacher_tokenizer, seq_length
+            for both models), ``training.micro_batch_size`` and ``seed``.
+        dp_rank, dp_size: data-parallel coordinates (TP/PP peers pass the same values).
+        pairing: ``"eta"`` (exact token alignment: eta, dskd) or ``"position"`` (uld).
+        consumed_samples: global samples consumed so far (``step * global_batch_size``).
+        split: ``train`` (default), ``valid`` or ``test``.
+
+    Collective for embedded data or ``embedded:N`` tokenizers when
+    torch.distributed is initialised (every rank must call it).
+    """
+    source, collator = _parts(recipe, split, pairing)
+    return AlignedMicrobatchIterator(source, collator, micro_batch_size=recipe.training.micro_batch_size,
+                                     dp_rank=dp_rank, dp_size=dp_size, consumed_samples=consumed_samples,
+                                     kind=recipe.data.kind, split=split)
+
+
+def build_aligned_eval_data(recipe, *, dp_rank: int, dp_size: int, pairing: str = "eta", split: str = "valid",
+                            num_microbatches: Optional[int] = None) -> AlignedEvalData:
+    """The held-out aligned microbatches of this DP rank (``training.eval_batches`` by default).
+
+    Every evaluation sees the first ``num_microbatches * micro_batch_size *
+    dp_size`` samples of the split. Collective like :func:`build_aligned_data`.
+    """
+    source, collator = _parts(recipe, split, pairing)
+    n = num_microbatches if num_microbatches is not None else recipe.training.eval_batches
+    if n < 0:
+        raise ValueError(f"num_microbatches={n} must be >= 0")
+    return AlignedEvalData(source, collator, micro_batch_size=recipe.training.micro_batch_size, dp_rank=dp_rank,
+                           dp_size=dp_size, num_microbatches=n, kind=recipe.data.kind, split=split)

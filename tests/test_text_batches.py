@@ -1,0 +1,282 @@
+"""Cross-tokenizer microbatches from raw text (distill_plugins/data/text_batches.py), on one process.
+
+Two real byte-level BPE tokenizers (student 300 tokens, teacher 500) are
+trained on standard-library docstrings and saved as tokenizer JSON files; the
+same docstrings, one per JSONL line, are the corpus. One test builds the
+embedded corpus and two ``embedded:N`` tokenizers in a temporary cache (about
+10 s on one core).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distill_plugins.data.alignment_collate import AlignmentCollator
+from distill_plugins.data.sources import expand_inputs, iter_texts, split_ranges
+from distill_plugins.data.text_batches import (
+    AlignedMicrobatchIterator,
+    PackedTextSource,
+    build_aligned_data,
+    build_aligned_eval_data,
+    text_documents,
+)
+from distill_plugins.data.tokenizer import load_tokenizer
+from distill_plugins.errors import InputError
+from distill_plugins.recipe.schema import DataSpec, ModelSpec, PartSpec, Recipe, TrainingSpec
+from test_aligners import docstrings, train_bpe
+
+SEQ = 32
+COLLATOR_KEYS = {"student_tokens", "student_labels", "student_label_offsets", "teacher_tokens", "teacher_labels",
+                 "teacher_label_offsets", "align_teacher_pos", "aligned_mask", "num_student_targets", "num_aligned"}
+ENGINE_KEYS = {"tokens", "labels", "loss_mask", "position_ids", "sample_ids"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Directory with student.json (BPE 300), teacher.json (BPE 500) and corpus.jsonl (docstrings + blanks)."""
+    root = tmp_path_factory.mktemp("text_batches")
+    texts = docstrings()
+    train_bpe(300, texts).save(str(root / "student.json"))
+    train_bpe(500, texts).save(str(root / "teacher.json"))
+    rows = texts[:50] + ["   ", ""] + texts[50:]  # blank documents are dropped by the packer
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows), encoding="utf-8")
+    return root
+
+
+def _recipe(root, *, micro_batch_size: int = 2, **data) -> Recipe:
+    spec = dict(kind="jsonl", paths=[str(root / "corpus.jsonl")], tokenizer=str(root / "student.json"),
+                teacher_tokenizer=str(root / "teacher.json"), seq_length=SEQ, split="90,5,5")
+    spec.update(data)
+    return Recipe(
+        student=ModelSpec(arch="llama", num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=300,
+                          max_position_embeddings=64),
+        teacher=ModelSpec(arch="gpt2", num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=500,
+                          max_position_embeddings=64),
+        data=DataSpec(**spec),
+        training=TrainingSpec(steps=10, micro_batch_size=micro_batch_size, global_batch_size=4, eval_batches=3),
+        aligner=PartSpec(name="eta"), device="cpu", seed=7, output_dir=str(root / "run"),
+    )
+
+
+def _take(it, n: int) -> list[dict]:
+    return [next(it) for _ in range(n)]
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# ---------------------------------------------------------------------------
+# Documents and packing
+# ---------------------------------------------------------------------------
+
+
+def test_jsonl_documents_match_the_token_id_split(files):
+    recipe = _recipe(files)
+    every = [t for f in expand_inputs(recipe.data.paths) for t in iter_texts(f)]
+    ranges = split_ranges(len(every), recipe.data.split)
+    splits = {s: text_documents(recipe, s) for s in ("train", "valid", "test")}
+    for split, (lo, hi) in ranges.items():
+        assert splits[split] == every[lo:hi]  # the ranges jsonl_source uses
+    assert sum(len(d) for d in splits.values()) == len(every)
+
+
+def test_packing_rule():
+    docs = ["a" * 5, "b" * 7, "  ", "", "c" * 3, "d" * 11]
+    src = PackedTextSource(docs, seed=3, split="train", chars_budget=12)
+    kept = ["a" * 5, "b" * 7, "c" * 3, "d" * 11]
+    assert src.documents == kept  # blank documents dropped
+    n = len(kept)
+    for i in range(3 * n):
+        epoch, j = divmod(i, n)
+        order = np.random.default_rng([3, 0, epoch]).permutation(n).tolist()
+        text = src.sample(i)
+        parts = text.split("\n\n")
+        assert parts[0] == kept[order[j]]
+        assert parts == [kept[order[(j + k) % n]] for k in range(len(parts))]
+        assert len(text) >= 12 and len("\n\n".join(parts[:-1])) < 12  # stops as soon as the budget is met
+    # every document starts exactly one sample per epoch
+    assert sorted(src.sample(i).split("\n\n")[0] for i in range(n)) == sorted(kept)
+    # a corpus shorter than the budget: every document once, none repeated
+    whole = PackedTextSource(kept, seed=3, split="valid", chars_budget=10_000).sample(5)
+    assert sorted(whole.split("\n\n")) == sorted(kept)
+    with pytest.raises(InputError, match="no non-blank documents"):
+        PackedTextSource(["", " \n"], seed=0, split="test", chars_budget=10)
+
+
+# ---------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------
+
+
+def test_batch_keys_shapes_and_labels(files):
+    it = build_aligned_data(_recipe(files), dp_rank=0, dp_size=1)
+    assert isinstance(it, AlignedMicrobatchIterator)
+    for k, batch in enumerate(_take(it, 3)):
+        assert COLLATOR_KEYS | ENGINE_KEYS <= batch.keys()
+        for key in ("tokens", "labels", "position_ids", "student_tokens", "teacher_tokens", "align_teacher_pos"):
+            assert batch[key].shape == (2, SEQ) and batch[key].dtype == torch.int64, key
+        assert batch["loss_mask"].shape == (2, SEQ) and batch["loss_mask"].dtype == torch.float32
+        assert batch["student_label_offsets"].shape == (2, SEQ, 2)
+        assert batch["aligned_mask"].dtype == torch.bool
+        assert batch["sample_ids"].tolist() == [2 * k, 2 * k + 1]
+        assert torch.equal(batch["position_ids"], torch.arange(SEQ).expand(2, SEQ))
+        assert torch.equal(batch["tokens"], batch["student_tokens"])
+        assert torch.equal(batch["labels"], batch["student_labels"])
+        labels, tokens = batch["labels"], batch["tokens"]
+        assert torch.equal(batch["loss_mask"], (labels != -100).float())
+        assert bool((labels != -100).all())  # packed documents fill the window
+        both = (labels[:, :-1] != -100)
+        assert torch.equal(labels[:, :-1][both], tokens[:, 1:][both])  # pre-shifted: label i is token i+1
+        t_lab, t_tok = batch["teacher_labels"], batch["teacher_tokens"]
+        t_both = t_lab[:, :-1] != -100
+        assert torch.equal(t_lab[:, :-1][t_both], t_tok[:, 1:][t_both])
+        assert int(batch["num_student_targets"]) == int((labels != -100).sum())
+        assert int(batch["num_aligned"]) == int(batch["aligned_mask"].sum()) > 0
+
+
+def test_aligned_pairs_cover_the_same_text(files):
+    recipe = _recipe(files)
+    it = build_aligned_data(recipe, dp_rank=0, dp_size=1)
+    s_tok, t_tok = load_tokenizer(recipe.data.tokenizer), load_tokenizer(recipe.data.teacher_tokenizer)
+    checked = 0
+    for batch in _take(it, 2):
+        for row, sample in enumerate(batch["sample_ids"].tolist()):
+            text = it.source.sample(sample)
+            for s in batch["aligned_mask"][row].nonzero().flatten().tolist():
+                t = int(batch["align_teacher_pos"][row, s])
+                s_end = int(batch["student_label_offsets"][row, s, 1])
+                assert s_end == int(batch["teacher_label_offsets"][row, t, 1])
+                assert int(batch["student_label_offsets"][row, s, 0]) == int(batch["teacher_label_offsets"][row, t, 0])
+                s_text = s_tok.decode(batch["student_tokens"][row, :s + 1].tolist() + [int(batch["labels"][row, s])])
+                t_text = t_tok.decode(batch["teacher_tokens"][row, :t + 1].tolist()
+                                      + [int(batch["teacher_labels"][row, t])])
+                assert s_text == t_text == text[:s_end]
+                checked += 1
+    assert checked > 20
+
+
+def test_same_tokenizer_aligns_every_position(files):
+    recipe = _recipe(files, teacher_tokenizer=None)
+    for batch in _take(build_aligned_data(recipe, dp_rank=0, dp_size=1), 2):
+        valid = batch["labels"] != -100
+        assert torch.equal(batch["aligned_mask"], valid)
+        assert torch.equal(batch["align_teacher_pos"][valid], torch.arange(SEQ).expand(2, SEQ)[valid])
+        assert torch.equal(batch["teacher_tokens"], batch["tokens"])
+
+
+def test_position_pairing_for_uld(files):
+    batch = next(build_aligned_data(_recipe(files), dp_rank=0, dp_size=1, pairing="position"))
+    # the k-th target of each side, for k below both target counts (the teacher keeps the student's text only)
+    both = torch.minimum((batch["labels"] != -100).sum(1), (batch["teacher_labels"] != -100).sum(1))
+    pos = torch.arange(SEQ).expand(2, SEQ)
+    assert torch.equal(batch["align_teacher_pos"], torch.where(pos < both[:, None], pos, -1))
+    assert int(both.min()) > 0
+
+
+# ---------------------------------------------------------------------------
+# Order, data parallelism, resumption
+# ---------------------------------------------------------------------------
+
+
+def test_deterministic(files):
+    recipe = _recipe(files)
+    a = _take(build_aligned_data(recipe, dp_rank=0, dp_size=1), 4)
+    b = _take(build_aligned_data(recipe, dp_rank=0, dp_size=1), 4)
+    for x, y in zip(a, b):
+        _assert_same(x, y)
+    assert not torch.equal(a[0]["tokens"], a[1]["tokens"])
+
+
+def test_resume_is_exact(files):
+    recipe = _recipe(files)
+    straight = _take(build_aligned_data(recipe, dp_rank=0, dp_size=1), 4)
+    first = build_aligned_data(recipe, dp_rank=0, dp_size=1)
+    _take(first, 3)
+    state = first.state_dict()
+    assert state == {"consumed_samples": 6, "kind": "jsonl", "split": "train"}
+    resumed = build_aligned_data(recipe, dp_rank=0, dp_size=1)
+    resumed.load_state_dict(state)
+    _assert_same(next(resumed), straight[3])
+    _assert_same(next(build_aligned_data(recipe, dp_rank=0, dp_size=1, consumed_samples=6)), straight[3])
+    with pytest.raises(InputError, match="data.kind='embedded'"):
+        resumed.load_state_dict({**state, "kind": "embedded"})
+    with pytest.raises(ValueError, match="multiple of micro_batch_size"):
+        build_aligned_data(recipe, dp_rank=0, dp_size=1, consumed_samples=3)
+
+
+def test_resume_past_an_epoch(files):
+    recipe = _recipe(files, split="40,30,30")  # a few dozen valid documents: epoch 1 starts early
+    it = build_aligned_data(recipe, dp_rank=0, dp_size=1, split="valid")
+    n = it.source.num_documents
+    start = (n // 2 + 1) * 2  # the first microbatch boundary past one epoch
+    a = next(build_aligned_data(recipe, dp_rank=0, dp_size=1, split="valid", consumed_samples=start))
+    assert a["sample_ids"].tolist() == [start, start + 1] and start >= n
+    it.load_state_dict({"consumed_samples": start, "kind": "jsonl"})
+    _assert_same(next(it), a)
+
+
+def test_data_parallel_ranks_split_the_stream(files):
+    recipe = _recipe(files)
+    single = _take(build_aligned_data(recipe, dp_rank=0, dp_size=1), 4)
+    ranks = [_take(build_aligned_data(recipe, dp_rank=r, dp_size=2), 2) for r in (0, 1)]
+    assert [b["sample_ids"].tolist() for b in ranks[0]] == [[0, 1], [4, 5]]
+    assert [b["sample_ids"].tolist() for b in ranks[1]] == [[2, 3], [6, 7]]
+    by_sample = {int(i): b["tokens"][row] for b in single for row, i in enumerate(b["sample_ids"])}
+    seen = [int(i) for r in ranks for b in r for i in b["sample_ids"]]
+    assert sorted(seen) == sorted(by_sample) and len(set(seen)) == len(seen)
+    for r in ranks:
+        for b in r:
+            for row, i in enumerate(b["sample_ids"].tolist()):
+                assert torch.equal(b["tokens"][row], by_sample[i])
+
+
+def test_eval_data_is_reiterable(files):
+    recipe = _recipe(files)
+    held_out = build_aligned_eval_data(recipe, dp_rank=0, dp_size=1)
+    assert len(held_out) == 3
+    a, b = list(held_out), list(held_out)
+    assert len(a) == 3 and [x["sample_ids"].tolist() for x in a] == [[0, 1], [2, 3], [4, 5]]
+    for x, y in zip(a, b):
+        _assert_same(x, y)
+    train = next(build_aligned_data(recipe, dp_rank=0, dp_size=1))
+    assert not torch.equal(a[0]["tokens"], train["tokens"])  # a different split
+    assert len(list(build_aligned_eval_data(recipe, dp_rank=1, dp_size=2, split="test", num_microbatches=2))) == 2
+
+
+# ---------------------------------------------------------------------------
+# Errors and the embedded corpus
+# ---------------------------------------------------------------------------
+
+
+def test_clear_errors(files):
+    with pytest.raises(InputError, match=r"data.kind='synthetic'.*jsonl or embedded"):
+        build_aligned_data(_recipe(files, kind="synthetic", paths=[]), dp_rank=0, dp_size=1)
+    with pytest.raises(InputError, match="data.tokenizer"):
+        build_aligned_data(_recipe(files, tokenizer=None, teacher_tokenizer=None), dp_rank=0, dp_size=1)
+    with pytest.raises(InputError, match="data.teacher_tokenizer.*missing.json"):
+        build_aligned_data(_recipe(files, teacher_tokenizer=str(files / "missing.json")), dp_rank=0, dp_size=1)
+    with pytest.raises(InputError, match=r"valid split is empty.*data.split='100,0,0'"):
+        build_aligned_eval_data(_recipe(files, split="100,0,0"), dp_rank=0, dp_size=1)
+    with pytest.raises(InputError, match="pairing='nope'"):
+        build_aligned_data(_recipe(files), dp_rank=0, dp_size=1, pairing="nope")
+    with pytest.raises(ValueError, match="split='dev'"):
+        build_aligned_data(_recipe(files), dp_rank=0, dp_size=1, split="dev")
+
+
+def test_embedded_corpus_and_embedded_tokenizers(files, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))
+    recipe = _recipe(files, kind="embedded", paths=[], tokenizer="embedded:300", teacher_tokenizer="embedded:400")
+    docs = text_documents(recipe, "valid")
+    assert docs and all(isinstance(d, str) for d in docs)
+    held_out = build_aligned_eval_data(recipe, dp_rank=0, dp_size=1, num_microbatches=1)
+    batch = next(iter(held_out))
+    assert batch["tokens"].shape == (2, SEQ) and int(batch["num_aligned"]) > 0
+    assert isinstance(iter(held_out).collator, AlignmentCollator)
+    assert iter(held_out).state_dict()["kind"] == "embedded"
