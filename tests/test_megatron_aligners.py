@@ -108,6 +108,7 @@ def worker(rank: int, world: int, root: str, s_tok: str, t_tok: str) -> dict:
     # 1. teacher: cross-entropy on its own tokenizer (DP=2), with a placeholder teacher
     eng = _engine(_recipe(root, "teacher", student_tok=t_tok, aligner="identity", student_width=64,
                           teacher_width=16, steps=TEACHER_STEPS, kd=0.0, ce=1.0, lr=1e-2))
+    res["ce_only_has_teacher"] = eng.trainer.stage.teacher is not None
     res["teacher_ce"] = (_held_out_ce(eng), None)
     eng.train()
     res["teacher_ce"] = (res["teacher_ce"][0], _held_out_ce(eng))
@@ -148,7 +149,11 @@ def worker(rank: int, world: int, root: str, s_tok: str, t_tok: str) -> dict:
     res["resumed"] = losses + [m["loss"] for m in _steps(second, 2)]
     res["resumed_proj"] = _projectors(second)
 
-    # 5. uld runs on the text path; dskd on one tokenizer takes token batches
+    # 5. CE only (no teacher built) under PP=2: the pipeline carries the student's hidden states alone
+    eng = _engine(_recipe(root, "ce_pp2", student_tok=s_tok, teacher_tok=t_tok, pp=2, kd=0.0, ce=1.0, steps=3))
+    res["ce_pp2"] = ([m["ce_loss"] for m in _steps(eng, 3)], eng.trainer.stage.hidden_size, eng.aligner.text_batches)
+
+    # 6. uld runs on the text path; dskd on one tokenizer takes token batches
     eng = _engine(_recipe(root, "uld", student_tok=s_tok, teacher_tok=t_tok, aligner="uld", tp=2,
                           teacher_ckpt=teacher_ckpt, steps=2))
     res["uld"] = _steps(eng, 2)[-1]
@@ -193,6 +198,13 @@ def test_dskd_logs_its_terms(run):
     for term in ("aligner/t2s_ce", "aligner/t2s_kd", "aligner/s2t_kd"):
         assert math.isfinite(m[term]) and m[term] >= 0, m
     assert m["aligner/t2s_ce"] > 0
+
+
+def test_ce_only_runs_build_no_teacher(run):
+    assert run["ce_only_has_teacher"] is False
+    losses, width, text = run["ce_pp2"]
+    assert width == 32 and text is False  # student hidden only; the student's own token batches
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 
 
 def test_dskd_layouts_agree(run):

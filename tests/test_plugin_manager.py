@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata as metadata
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 
@@ -38,6 +39,15 @@ def write_plugin(tmp_path, monkeypatch, module: str, source: str) -> str:
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, module, raising=False)
     return module
+
+
+def install_entry_point(monkeypatch, name: str, module: str, distribution: str, version: str) -> None:
+    """Make ``module`` the only ``distill_plugins`` entry point, from a fake distribution, and switch discovery on."""
+    fake_dist = SimpleNamespace(name=distribution, version=version)
+    ep = metadata.EntryPoint(name=name, value=module, group=ENTRY_POINT_GROUP)
+    ep = ep._for(fake_dist) if hasattr(ep, "_for") else ep
+    monkeypatch.setattr(metadata, "entry_points", lambda group=None: [ep] if group == ENTRY_POINT_GROUP else [])
+    monkeypatch.delenv(NO_ENTRY_POINTS_ENV)
 
 
 @pytest.fixture(autouse=True)
@@ -104,14 +114,7 @@ def test_bad_params_name_part_key_and_valid_keys():
 
 def test_plugin_import_failure_names_plugin_and_distribution(tmp_path, monkeypatch):
     broken = write_plugin(tmp_path, monkeypatch, "plug_broken", "import not_a_real_module_xyz\n")
-
-    class FakeDist:
-        name, version = "distill-plugins-broken", "0.3"
-
-    ep = metadata.EntryPoint(name="broken", value=broken, group=ENTRY_POINT_GROUP)
-    ep = ep._for(FakeDist()) if hasattr(ep, "_for") else ep
-    monkeypatch.setattr(metadata, "entry_points", lambda group=None: [ep] if group == ENTRY_POINT_GROUP else [])
-    monkeypatch.delenv(NO_ENTRY_POINTS_ENV)
+    install_entry_point(monkeypatch, "broken", broken, "distill-plugins-broken", "0.3")
     with pytest.raises(PluginError) as err:
         build_plugin_host()
     message = str(err.value)
@@ -121,14 +124,7 @@ def test_plugin_import_failure_names_plugin_and_distribution(tmp_path, monkeypat
 
 def test_entry_point_plugin_with_fake_distribution(tmp_path, monkeypatch):
     module = write_plugin(tmp_path, monkeypatch, "plug_ep", PLUGIN_SOURCE.replace("{name}", "ep_zero"))
-
-    class FakeDist:
-        name, version = "distill-plugins-ep", "1.2"
-
-    ep = metadata.EntryPoint(name="ep", value=module, group=ENTRY_POINT_GROUP)
-    ep = ep._for(FakeDist()) if hasattr(ep, "_for") else ep
-    monkeypatch.setattr(metadata, "entry_points", lambda group=None: [ep] if group == ENTRY_POINT_GROUP else [])
-    monkeypatch.delenv(NO_ENTRY_POINTS_ENV)
+    install_entry_point(monkeypatch, "ep", module, "distill-plugins-ep", "1.2")
     entry = build_plugin_host().registry("objective").get("ep_zero")
     assert (entry.plugin, entry.distribution, entry.version) == ("ep", "distill-plugins-ep", "1.2")
     # the environment variable switches entry points off

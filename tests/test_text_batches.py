@@ -200,15 +200,38 @@ def test_resume_is_exact(files):
     first = build_aligned_data(recipe, dp_rank=0, dp_size=1)
     _take(first, 3)
     state = first.state_dict()
-    assert state == {"consumed_samples": 6, "kind": "jsonl", "split": "train"}
+    assert state == {"consumed_samples": 6, "kind": "jsonl", "split": "train", "stream": "text"}
     resumed = build_aligned_data(recipe, dp_rank=0, dp_size=1)
     resumed.load_state_dict(state)
     _assert_same(next(resumed), straight[3])
     _assert_same(next(build_aligned_data(recipe, dp_rank=0, dp_size=1, consumed_samples=6)), straight[3])
     with pytest.raises(InputError, match="data.kind='embedded'"):
         resumed.load_state_dict({**state, "kind": "embedded"})
+    # a checkpoint of the token-id path (another aligner) does not silently resume a text stream, nor back
+    with pytest.raises(InputError, match="token-id batches"):
+        resumed.load_state_dict({"consumed_samples": 6, "kind": "jsonl", "split": "train"})
+    from distill_plugins.data.iterators import build_data
+
+    with pytest.raises(InputError, match="raw-text batches"):
+        build_data(recipe, dp_rank=0, dp_size=1).load_state_dict(state)
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):
         build_aligned_data(recipe, dp_rank=0, dp_size=1, consumed_samples=3)
+
+
+def test_prefetching_changes_no_batch(files):
+    """The background thread builds the next microbatch; values, order and resumption are unchanged."""
+    recipe = _recipe(files)
+    plain = build_aligned_data(recipe, dp_rank=0, dp_size=1)
+    plain.prefetch = False
+    expected = _take(plain, 5)
+    fetched = build_aligned_data(recipe, dp_rank=0, dp_size=1)
+    assert fetched.prefetch
+    got = _take(fetched, 3)
+    assert fetched._pending is not None and fetched._pending[0] == 6  # samples 6, 7 are being built
+    fetched.load_state_dict({"consumed_samples": 2, "kind": "jsonl", "stream": "text"})  # the prefetch is stale
+    got += _take(fetched, 2)
+    for a, b in zip(got, expected[:3] + expected[1:3]):
+        _assert_same(a, b)
 
 
 def test_resume_past_an_epoch(files):
@@ -218,7 +241,7 @@ def test_resume_past_an_epoch(files):
     start = (n // 2 + 1) * 2  # the first microbatch boundary past one epoch
     a = next(build_aligned_data(recipe, dp_rank=0, dp_size=1, split="valid", consumed_samples=start))
     assert a["sample_ids"].tolist() == [start, start + 1] and start >= n
-    it.load_state_dict({"consumed_samples": start, "kind": "jsonl"})
+    it.load_state_dict({"consumed_samples": start, "kind": "jsonl", "stream": "text"})
     _assert_same(next(it), a)
 
 

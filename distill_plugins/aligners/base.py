@@ -298,6 +298,9 @@ def resolve_aligner_name(student_tokenizer_path: Optional[str], teacher_tokenize
 
 
 def _vocab_size_of(spec: str) -> int:
+    """A tokenizer's size; ``embedded:N`` is N without building it."""
+    if str(spec).startswith("embedded:") and str(spec)[9:].isdigit():
+        return int(str(spec)[9:])
     from .vocab import load_tokenizer
 
     return int(load_tokenizer(spec).get_vocab_size(with_added_tokens=True))

@@ -101,10 +101,13 @@ class MicrobatchIterator:
 
     def state_dict(self) -> dict:
         """What a checkpoint needs to resume this iterator: the global consumed-sample count."""
-        return {"consumed_samples": self.consumed_samples, "kind": self.kind, "split": self.split}
+        return {"consumed_samples": self.consumed_samples, "kind": self.kind, "split": self.split, "stream": "tokens"}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a :meth:`state_dict` (same recipe data section)."""
+        if state.get("stream", "tokens") != "tokens":
+            raise InputError("the checkpoint was trained on raw-text batches of a cross-tokenizer aligner, this run "
+                             "reads token ids; resume with the aligner and tokenizers it was written with")
         if state.get("kind", self.kind) != self.kind:
             raise InputError(f"checkpoint data state is for data.kind={state.get('kind')!r}, this run has {self.kind!r}")
         self.consumed_samples = int(state["consumed_samples"])
@@ -142,9 +145,14 @@ def _rank0_first(fn):
     dist = _dist()
     if dist is None:
         return fn()
-    out = fn() if dist.get_rank() == 0 else None
-    dist.barrier()
-    if dist.get_rank() != 0:
+    out = None
+    if dist.get_rank() == 0:
+        try:
+            out = fn()
+        finally:  # the others must not wait forever when rank 0 fails: they then fail on their own
+            dist.barrier()
+    else:
+        dist.barrier()
         out = fn()
     return out
 

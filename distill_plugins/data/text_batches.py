@@ -41,7 +41,7 @@ Usage::
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -161,11 +161,15 @@ class AlignedMicrobatchIterator:
         consumed_samples: global samples already consumed (by all DP ranks together).
         max_microbatches: stop after this many microbatches (None: never stop).
         kind, split: recorded in :meth:`state_dict`; ``kind`` is checked on load.
+        prefetch: build the next microbatch in a background thread while the
+            current one trains (tokenization releases the GIL). Batches are a
+            pure function of their sample indices, so prefetching changes no
+            value and resumption stays exact.
     """
 
     def __init__(self, source: PackedTextSource, collator: AlignmentCollator, *, micro_batch_size: int,
                  dp_rank: int, dp_size: int, consumed_samples: int = 0, max_microbatches: Optional[int] = None,
-                 kind: str = "", split: str = "train"):
+                 kind: str = "", split: str = "train", prefetch: bool = True):
         if micro_batch_size <= 0:
             raise ValueError(f"micro_batch_size={micro_batch_size} must be > 0")
         if not 0 <= dp_rank < dp_size:
@@ -176,6 +180,9 @@ class AlignedMicrobatchIterator:
         self.max_microbatches = max_microbatches
         self.kind, self.split = kind, split
         self._yielded = 0
+        self.prefetch = prefetch
+        self._pending: Optional[tuple[int, Any]] = None  # (first sample index, Future)
+        self._executor = None
         s = collator.student.seq_length
         self._positions = torch.arange(s, dtype=torch.int64).unsqueeze(0).expand(micro_batch_size, s).contiguous()
 
@@ -193,21 +200,43 @@ class AlignedMicrobatchIterator:
         if self.max_microbatches is not None and self._yielded >= self.max_microbatches:
             raise StopIteration
         first = self.consumed_samples + self.dp_rank * self.micro_batch_size
+        batch = None
+        if self._pending is not None:
+            key, future = self._pending
+            self._pending = None
+            ready = future.result()  # also when stale: one thread at a time uses the source and collator
+            batch = ready if key == first else None
+        if batch is None:
+            batch = self._build(first)
+        self.consumed_samples += self.micro_batch_size * self.dp_size
+        self._yielded += 1
+        if self.prefetch and (self.max_microbatches is None or self._yielded < self.max_microbatches):
+            if self._executor is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill-text-batches")
+            nxt = self.consumed_samples + self.dp_rank * self.micro_batch_size
+            self._pending = (nxt, self._executor.submit(self._build, nxt))
+        return batch
+
+    def _build(self, first: int) -> dict[str, torch.Tensor]:
+        """The microbatch of global samples ``first .. first + micro_batch_size - 1``."""
         ids = list(range(first, first + self.micro_batch_size))
         batch = self.collator([self.source.sample(i) for i in ids])
         labels = batch["student_labels"]
         batch.update(tokens=batch["student_tokens"], labels=labels, loss_mask=(labels != -100).float(),
                      position_ids=self._positions.clone(), sample_ids=torch.tensor(ids, dtype=torch.int64))
-        self.consumed_samples += self.micro_batch_size * self.dp_size
-        self._yielded += 1
         return batch
 
     def state_dict(self) -> dict:
         """What a checkpoint needs to resume this iterator: the global consumed-sample count."""
-        return {"consumed_samples": self.consumed_samples, "kind": self.kind, "split": self.split}
+        return {"consumed_samples": self.consumed_samples, "kind": self.kind, "split": self.split, "stream": "text"}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a :meth:`state_dict` (same recipe data section)."""
+        if state.get("stream", "tokens") != "text":
+            raise InputError("the checkpoint was trained on token-id batches, this run reads raw text for a "
+                             "cross-tokenizer aligner; resume with the aligner and tokenizers it was written with")
         if state.get("kind", self.kind) != self.kind:
             raise InputError(f"checkpoint data state is for data.kind={state.get('kind')!r}, this run has "
                              f"{self.kind!r}; resume with the data section the checkpoint was written with")

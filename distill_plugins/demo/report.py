@@ -45,11 +45,18 @@ def _fmt(value: Any, fmt: str) -> str:
         return str(value)
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
-    """A GitHub markdown table; ``columns`` are ``(key, header, format)``; numeric columns right-aligned."""
+def _layout(rows: Sequence[Mapping[str, Any]],
+            columns: Sequence[Column]) -> tuple[list[str], list[list[str]], list[int]]:
+    """``(headers, cells, widths)`` of a table: formatted cells and each column's width in characters."""
     headers = [c[1] for c in columns]
     cells = [[_fmt(row.get(key), fmt) for key, _, fmt in columns] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    return headers, cells, widths
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
+    """A GitHub markdown table; ``columns`` are ``(key, header, format)``; numeric columns right-aligned."""
+    headers, cells, widths = _layout(rows, columns)
     numeric = [all(isinstance(row.get(key), (int, float)) or row.get(key) is None for row in rows) and
                any(isinstance(row.get(key), (int, float)) for row in rows) for key, _, _ in columns]
     line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |"
@@ -61,9 +68,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column])
 
 def plain_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
     """The same table as aligned plain text (for terminals)."""
-    headers = [c[1] for c in columns]
-    cells = [[_fmt(row.get(key), fmt) for key, _, fmt in columns] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    headers, cells, widths = _layout(rows, columns)
     out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
            "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
@@ -110,6 +115,32 @@ def curve_series(records: Sequence[Mapping[str, Any]], keys: Sequence[str], *, r
     return steps, values, chosen
 
 
+def _pyplot():
+    """``matplotlib.pyplot`` on the ``Agg`` backend (selected before pyplot is imported; no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig, out: PathLike, title: str = "", **title_kw) -> Path:
+    """Add the title (if any), lay out, write ``out`` as a 110 dpi PNG (parent created) and close ``fig``.
+
+    Returns:
+        ``out`` as a Path.
+    """
+    if title:
+        fig.suptitle(title, **title_kw)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    _pyplot().close(fig)
+    return out
+
+
 def _smooth(values: Sequence[float], window: int) -> list[float]:
     if window <= 1 or len(values) < window:
         return list(values)
@@ -140,11 +171,7 @@ def plot_loss_curves(runs: Mapping[str, PathLike], out: PathLike, *, title: str 
     Returns:
         ``out`` as a Path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     data = {label: read_metrics(path) for label, path in runs.items()}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     ax_loss, ax_ce = axes
@@ -178,14 +205,7 @@ def plot_loss_curves(runs: Mapping[str, PathLike], out: PathLike, *, title: str 
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, out, title)
 
 
 def plot_metric_bars(rows: Sequence[Mapping[str, Any]], metrics: Sequence[tuple[str, str]], out: PathLike, *,
@@ -195,11 +215,7 @@ def plot_metric_bars(rows: Sequence[Mapping[str, Any]], metrics: Sequence[tuple[
     ``rows`` hold ``<metric>_mean``, ``<metric>_min``, ``<metric>_max`` for each
     ``(metric, axis label)`` in ``metrics``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     n = len(metrics)
     fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 0.32 * len(rows) + 1.6), sharey=True)
     axes = [axes] if n == 1 else list(axes)
@@ -220,11 +236,4 @@ def plot_metric_bars(rows: Sequence[Mapping[str, Any]], metrics: Sequence[tuple[
     axes[0].set_yticks(ypos)
     axes[0].set_yticklabels(labels, fontsize=8)
     axes[0].invert_yaxis()
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, out, title, fontsize=10)

@@ -78,7 +78,7 @@ class AlignerRuntime:
 
     def __init__(self, aligner: Any, name: str, *, student_vocab_size: int, teacher_vocab_size: int,
                  text_batches: bool):
-        self.aligner, self.name = aligner, name
+        self.aligner, self.name = aligner, name  # aligner None: a run without teacher
         self.computes_loss = bool(getattr(aligner, "computes_loss", False))
         self.needs_hidden = bool(getattr(aligner, "needs_hidden_states", False))
         self.text_batches = text_batches
@@ -93,6 +93,9 @@ class AlignerRuntime:
         """Resolve ``auto``, build the aligner through ``host`` and give it tokenizers and objective."""
         from ..recipe.validate import resolve_auto_aligner
 
+        if recipe.loss.kd_weight == 0:  # no teacher is built: the student trains on its own tokens
+            return cls(None, "none", student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size,
+                       text_batches=False)
         name = recipe.aligner.name
         if name == "auto":
             name = resolve_auto_aligner(recipe)

@@ -161,7 +161,8 @@ def distill_loss(
 
     Args:
         student_logits: ``[..., V_local]`` vocab-parallel student logits (grad).
-        teacher_logits: ``[..., V_local]`` same partition, no grad needed.
+        teacher_logits: ``[..., V_local]`` same partition, no grad needed; None
+            when the run has no teacher (``kd_weight == 0``).
         labels: ``[...]`` global next-token ids, ``-100`` = no loss.
         parts: objective, selector, policy and weights.
         loss_mask: optional ``[...]`` 0/1 mask ANDed with ``labels != -100``.
@@ -175,6 +176,10 @@ def distill_loss(
         scalars (see module docstring).
     """
     v_local = student_logits.shape[-1]
+    if teacher_logits is None:  # a run without teacher (kd_weight 0): the student's CE only
+        if parts.kd_weight > 0:
+            raise DistillError("distill_loss got no teacher logits but loss.kd_weight > 0")
+        teacher_logits = student_logits.detach()
     if teacher_logits.shape != student_logits.shape:
         raise DistillError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                            f"{tuple(teacher_logits.shape)} differ: the models need the same padded vocabulary")

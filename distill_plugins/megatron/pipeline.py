@@ -19,6 +19,8 @@ hidden dimension: ``[s, b, h_student + h_teacher]``.
   (:func:`pipeline_tensor_shapes`), so the models' own configs stay untouched.
 * Different tokenizers: the batch carries ``teacher_tokens`` (same length as the
   student's ``tokens``), and the first stage feeds those to the teacher.
+* No teacher (``teacher=None``, a run with ``loss.kd_weight: 0``): the stage is
+  the student alone; the last stage returns ``(student_logits, None)``.
 * Hidden states for aligners that project them (DSKD):
   :meth:`DistillStage.capture_hidden_states` makes the last stage also return
   both output layers' inputs ``[s, b, h]`` (after the final norm), taken by a
@@ -67,20 +69,20 @@ class DistillStage(_megatron_module()):  # type: ignore[misc]
 
     Args:
         student: this rank's student GPTModel stage.
-        teacher: this rank's teacher GPTModel stage (frozen).
+        teacher: this rank's teacher GPTModel stage (frozen), or None (CE-only runs).
     """
 
-    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module):
+    def __init__(self, student: torch.nn.Module, teacher: Optional[torch.nn.Module]):
         super().__init__(config=student.config)
         self.module = student
         self._teacher = [teacher]  # a list hides it from nn.Module registration
         self.student_hidden = student.config.hidden_size
-        self.teacher_hidden = teacher.config.hidden_size
+        self.teacher_hidden = teacher.config.hidden_size if teacher is not None else 0
         # No pre_process/post_process attributes here: megatron's finalize_model_grads
         # looks them up to find the module owning the embeddings, which is the student.
         self.first_stage = student.pre_process
         self.last_stage = student.post_process
-        if (teacher.pre_process, teacher.post_process) != (self.first_stage, self.last_stage):
+        if teacher is not None and (teacher.pre_process, teacher.post_process) != (self.first_stage, self.last_stage):
             raise RecipeError("student and teacher disagree on first/last pipeline stage")
         self.model_type = getattr(student, "model_type", None)
         self._hidden: Optional[dict] = None  # who -> captured output-layer input, when capturing
@@ -90,7 +92,7 @@ class DistillStage(_megatron_module()):  # type: ignore[misc]
         return self.module
 
     @property
-    def teacher(self) -> torch.nn.Module:
+    def teacher(self) -> Optional[torch.nn.Module]:
         return self._teacher[0]
 
     @property
@@ -130,18 +132,23 @@ class DistillStage(_megatron_module()):  # type: ignore[misc]
             assert len(input_tensor) == 1, "DistillStage takes one pipeline tensor"
             input_tensor = input_tensor[0]
         if input_tensor is None:
-            self.student.set_input_tensor(None)
-            self.teacher.set_input_tensor(None)
+            for model in (self.student, self.teacher):
+                if model is not None:
+                    model.set_input_tensor(None)
             return
         if input_tensor.shape[-1] != self.hidden_size:
             raise RuntimeError(f"pipeline tensor has width {input_tensor.shape[-1]}, expected "
                                f"{self.student_hidden} (student) + {self.teacher_hidden} (teacher)")
         self.student.set_input_tensor(input_tensor[..., : self.student_hidden])
-        self.teacher.set_input_tensor(input_tensor[..., self.student_hidden:].detach())
+        if self.teacher is not None:
+            self.teacher.set_input_tensor(input_tensor[..., self.student_hidden:].detach())
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask=None,
                 teacher_input_ids: Optional[torch.Tensor] = None):
         """``teacher_input_ids``: the teacher's own tokens when its tokenizer differs (first stage)."""
+        if self.teacher is None:
+            s_out = self.student(input_ids, position_ids, attention_mask)
+            return (s_out, None) if self.last_stage else s_out
         self.teacher.eval()
         t_ids = input_ids if teacher_input_ids is None else teacher_input_ids
         with torch.no_grad():
@@ -166,7 +173,8 @@ class DistillStage(_megatron_module()):  # type: ignore[misc]
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.teacher.eval()  # the teacher never leaves eval mode
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher never leaves eval mode
         return self
 
 

@@ -17,19 +17,28 @@ prompt prefix of up to a quarter of the sequence has ``labels = -100``.
 Microbatch format (the engine's contract, shared with ``distill_plugins.data``)::
 
     {"tokens": int64 [b, s], "labels": int64 [b, s] (-100 = no loss)}
+
+The layout, resumption and microbatch assembly are
+:class:`distill_plugins.data.iterators.MicrobatchIterator`'s (its
+consumed-sample order is the one above); this module adds only the sample
+source, :class:`RecurrenceSource`.
 """
 
 from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import torch
 
-__all__ = ["synthetic_sample", "SyntheticBatches"]
+from ..data.iterators import MicrobatchIterator
+from .loss import IGNORE_INDEX
+
+__all__ = ["synthetic_sample", "RecurrenceSource", "SyntheticBatches"]
 
 
-def synthetic_sample(index: int, *, vocab_size: int, seq_length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(tokens [s], labels [s])`` of global sample ``index``."""
+def _sequence(index: int, *, vocab_size: int, seq_length: int, seed: int) -> tuple[torch.Tensor, int]:
+    """``(x [s + 1], prompt)``: the token sequence of global sample ``index`` and its prompt length."""
     g = torch.Generator(device="cpu")
     g.manual_seed((int(seed) * 1_000_003 + int(index) * 7919 + 17) % (2**63))
     x = torch.empty(seq_length + 1, dtype=torch.int64)
@@ -39,10 +48,35 @@ def synthetic_sample(index: int, *, vocab_size: int, seq_length: int, seed: int)
     jumps = torch.randint(0, vocab_size, (seq_length,), generator=g)
     for j in range(seq_length):
         x[j + 1] = jumps[j] if noise[j] else (x[j] * 3 + steps[j]) % vocab_size
-    tokens, labels = x[:-1].clone(), x[1:].clone()
     prompt = int(torch.randint(0, max(1, seq_length // 4), (1,), generator=g))
-    labels[:prompt] = -100
+    return x, prompt
+
+
+def synthetic_sample(index: int, *, vocab_size: int, seq_length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens [s], labels [s])`` of global sample ``index``."""
+    x, prompt = _sequence(index, vocab_size=vocab_size, seq_length=seq_length, seed=seed)
+    tokens, labels = x[:-1].clone(), x[1:].clone()
+    labels[:prompt] = IGNORE_INDEX
     return tokens, labels
+
+
+class RecurrenceSource:
+    """The noisy recurrence as a :mod:`distill_plugins.data.sources` source.
+
+    ``sample(i) -> (text [s + 1] int64, loss_mask [s] float32)``; the prompt
+    prefix has ``loss_mask`` 0. Unbounded (``num_samples`` is None).
+    """
+
+    def __init__(self, vocab_size: int, seq_length: int, seed: int):
+        self.vocab_size, self.seq_length, self.seed = int(vocab_size), int(seq_length), int(seed)
+        self.num_samples = None
+        self.description = f"recurrence(vocab={vocab_size}, seq={seq_length}, seed={seed})"
+
+    def sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        x, prompt = _sequence(index, vocab_size=self.vocab_size, seq_length=self.seq_length, seed=self.seed)
+        mask = np.ones(self.seq_length, dtype=np.float32)
+        mask[:prompt] = 0.0
+        return x.numpy(), mask
 
 
 class SyntheticBatches:
@@ -62,30 +96,39 @@ class SyntheticBatches:
 
     def __init__(self, *, vocab_size: int, seq_length: int, micro_batch_size: int, global_batch_size: int,
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 1234, start_step: int = 0):
-        per_step = micro_batch_size * dp_size
-        if global_batch_size % per_step:
+        self.per_microbatch = micro_batch_size * dp_size  # samples all DP ranks consume per microbatch
+        if global_batch_size % self.per_microbatch:
             raise ValueError(f"global_batch_size={global_batch_size} is not a multiple of "
                              f"micro_batch_size x data-parallel size = {micro_batch_size} x {dp_size}")
-        self.vocab_size, self.seq_length, self.seed = vocab_size, seq_length, seed
-        self.micro, self.global_batch = micro_batch_size, global_batch_size
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.num_microbatches = global_batch_size // per_step
-        self.step, self.micro_index = start_step, 0
+        self.global_batch = global_batch_size
+        self.num_microbatches = global_batch_size // self.per_microbatch
+        self.source = RecurrenceSource(vocab_size, seq_length, seed)
+        self._it = MicrobatchIterator(self.source, micro_batch_size=micro_batch_size, dp_rank=dp_rank,
+                                      dp_size=dp_size, consumed_samples=start_step * global_batch_size,
+                                      kind="synthetic")
+
+    @property
+    def step(self) -> int:
+        """The step the next microbatch belongs to."""
+        return self._it.consumed_samples // self.global_batch
+
+    @property
+    def micro_index(self) -> int:
+        """The next microbatch's index within its step."""
+        return self._it.consumed_samples % self.global_batch // self.per_microbatch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        base = self.step * self.global_batch + (self.micro_index * self.dp_size + self.dp_rank) * self.micro
-        pairs = [synthetic_sample(base + j, vocab_size=self.vocab_size, seq_length=self.seq_length, seed=self.seed)
-                 for j in range(self.micro)]
-        self.micro_index += 1
-        if self.micro_index == self.num_microbatches:
-            self.micro_index, self.step = 0, self.step + 1
-        return {"tokens": torch.stack([p[0] for p in pairs]), "labels": torch.stack([p[1] for p in pairs])}
+        batch = next(self._it)
+        # out of place: with one row, tokens and labels can be views of the same buffer
+        labels = batch["labels"].masked_fill(batch["loss_mask"] == 0, IGNORE_INDEX)
+        return {"tokens": batch["tokens"], "labels": labels}
 
     def state_dict(self) -> dict[str, int]:
         return {"step": self.step, "micro_index": self.micro_index}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step, self.micro_index = int(state["step"]), int(state["micro_index"])
+        step, micro = int(state["step"]), int(state["micro_index"])
+        self._it.consumed_samples = step * self.global_batch + micro * self.per_microbatch

@@ -172,17 +172,21 @@ class Trainer:
         else:
             load_model_weights(student, recipe.student, seed=recipe.seed, who="student")
         teacher_vocab = vocab_size if teacher_vocab_size is None else teacher_vocab_size
-        teacher = build_teacher(recipe.teacher, par, vocab_size=teacher_vocab, precision=t.precision, cpu=cpu,
-                                seed=recipe.seed + 1)
-        if teacher_init is not None:
-            with torch.no_grad():
-                teacher_init(teacher)
+        teacher = None
+        if parts.kd_weight > 0:
+            teacher = build_teacher(recipe.teacher, par, vocab_size=teacher_vocab, precision=t.precision, cpu=cpu,
+                                    seed=recipe.seed + 1)
+            if teacher_init is not None:
+                with torch.no_grad():
+                    teacher_init(teacher)
+        else:
+            log.info("loss.kd_weight is 0: no teacher is built (cross-entropy on labels only)")
         cross_vocab = aligner is not None and aligner.computes_loss
-        if not cross_vocab and \
+        if teacher is not None and not cross_vocab and \
                 models.model_layout(teacher).padded_vocab_size != models.model_layout(student).padded_vocab_size:
             raise RecipeError("student and teacher padded vocabularies differ; they need the same vocab_size")
         stage = DistillStage(student, teacher)
-        if aligner is not None:
+        if aligner is not None and teacher is not None:
             aligner.attach(stage, tp_group=ctx.tp_group, seed=recipe.seed)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=t.precision != "fp32",
@@ -225,7 +229,7 @@ class Trainer:
         student_logits, teacher_logits = output[0], output[1]
         if self.logits_hook is not None:
             student_logits = self.logits_hook(self.step, student_logits)
-        if self.aligner is not None and self.aligner.computes_loss:
+        if self.aligner is not None and self.aligner.computes_loss and teacher_logits is not None:
             loss, count, report = self.aligner.loss(batch, (student_logits, teacher_logits, *output[2:]), self.parts,
                                                     tp_group=self.ctx.tp_group, step=self.step,
                                                     total_steps=self.total_steps)

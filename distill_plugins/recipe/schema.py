@@ -112,7 +112,9 @@ class DataSpec:
     paths: list[str] = _help("jsonl files or indexed-dataset prefixes", default_factory=list)
     weights: Optional[list[float]] = _help("blend weights, one per path (indexed)", default=None)
     tokenizer: Optional[str] = _help("tokenizers JSON file or HF tokenizer directory", default=None)
-    teacher_tokenizer: Optional[str] = _help("teacher's tokenizer when it differs (cross-tokenizer aligners)", default=None)
+    teacher_tokenizer: Optional[str] = _help("teacher's tokenizer when it differs (cross-tokenizer aligners: "
+                                             "batches are then built from raw text, kind jsonl or embedded)",
+                                             default=None)
     seq_length: int = _help("tokens per sequence", default=64)
     split: str = _help("train/valid/test split percentages for indexed data", default="98,1,1")
     text_key: str = _help("JSON key holding the text (jsonl)", default="text")
@@ -176,8 +178,10 @@ class CheckpointSpec:
 class LossSpec:
     """How the distillation loss mixes with the student's own cross-entropy."""
 
-    kd_weight: float = _help("weight of the distillation loss", default=1.0)
-    ce_weight: float = _help("weight of the student's cross-entropy on labels", default=0.0)
+    kd_weight: float = _help("weight of the distillation loss; 0 trains on labels only and builds no teacher",
+                             default=1.0)
+    ce_weight: float = _help("weight of the student's cross-entropy on labels (always logged as ce_loss)",
+                             default=0.0)
 
     def __post_init__(self):
         if self.kd_weight < 0 or self.ce_weight < 0 or self.kd_weight + self.ce_weight == 0:
