@@ -12,7 +12,11 @@ One 2-process job runs every check:
 * 2 + 2 steps with a checkpoint in between equal 4 straight steps (projector
   weights included);
 * ``uld`` runs and reports coverage; DSKD logs its three terms;
-* DSKD with one tokenizer runs on the usual token batches (no text path).
+* DSKD with one tokenizer runs on the usual token batches (no text path);
+* a CE-only run builds no teacher (PP=2: the pipeline carries the student alone);
+* AdaSPEC's reference model runs beside the teacher (PP=2): a reference equal
+  to the student makes every loss gap 0, so every token is kept (ties); a
+  different one keeps the configured fraction.
 
 Two tiny byte-level BPEs are trained in the test on stdlib docstrings.
 """
@@ -38,7 +42,8 @@ TEACHER_STEPS, DISTILL_STEPS = 150, 40
 
 def _recipe(root: str, name: str, *, student_tok: str, teacher_tok=None, aligner="dskd", student_width=32,
             teacher_width=64, tp=1, pp=1, steps=DISTILL_STEPS, kd=1.0, ce=0.0, teacher_ckpt=None, lr=3e-3,
-            aligner_params=None, resume="none", objective="forward_kl"):
+            aligner_params=None, resume="none", objective="forward_kl", selector=None, student_ckpt=None,
+            reference_ckpt=None):
     from distill_plugins.recipe.schema import (CheckpointSpec, DataSpec, LossSpec, ModelSpec, ParallelSpec, PartSpec,
                                                Recipe, TrainingSpec)
 
@@ -47,8 +52,14 @@ def _recipe(root: str, name: str, *, student_tok: str, teacher_tok=None, aligner
                          max_position_embeddings=SEQ)
 
     out = os.path.join(root, name)
+    reference = None
+    if selector is not None:
+        reference = dataclass_replace(model(student_width, 2), checkpoint=reference_ckpt)
     return Recipe(
-        student=model(student_width, 2),
+        student=dataclass_replace(model(student_width, 2), checkpoint=student_ckpt),
+        reference=reference,
+        selector=PartSpec(name=selector["name"], params={k: v for k, v in selector.items() if k != "name"})
+        if selector else PartSpec(name="all"),
         teacher=dataclass_replace(model(teacher_width, 2), checkpoint=teacher_ckpt),
         parallel=ParallelSpec(tensor=tp, pipeline=pp, make_vocab_size_divisible_by=8),
         data=DataSpec(kind="jsonl", paths=[os.path.join(root, "corpus.jsonl")], tokenizer=student_tok,
@@ -152,8 +163,16 @@ def worker(rank: int, world: int, root: str, s_tok: str, t_tok: str) -> dict:
     # 5. CE only (no teacher built) under PP=2: the pipeline carries the student's hidden states alone
     eng = _engine(_recipe(root, "ce_pp2", student_tok=s_tok, teacher_tok=t_tok, pp=2, kd=0.0, ce=1.0, steps=3))
     res["ce_pp2"] = ([m["ce_loss"] for m in _steps(eng, 3)], eng.trainer.stage.hidden_size, eng.aligner.text_batches)
+    student_ckpt = str(eng.save())
 
-    # 6. uld runs on the text path; dskd on one tokenizer takes token batches
+    # 6. AdaSPEC: the reference model rides the pipeline (PP=2) beside a (random) teacher on the student's tokens
+    adaspec = {"name": "adaspec", "fraction": 0.4}
+    for name, ref in (("same", student_ckpt), ("other", None)):
+        eng = _engine(_recipe(root, f"adaspec_{name}", student_tok=s_tok, aligner="identity", pp=2, steps=2,
+                              selector=adaspec, student_ckpt=student_ckpt, reference_ckpt=ref))
+        res[f"adaspec_{name}"] = (_steps(eng, 1)[0], eng.trainer.stage.hidden_size)
+
+    # 7. uld runs on the text path; dskd on one tokenizer takes token batches
     eng = _engine(_recipe(root, "uld", student_tok=s_tok, teacher_tok=t_tok, aligner="uld", tp=2,
                           teacher_ckpt=teacher_ckpt, steps=2))
     res["uld"] = _steps(eng, 2)[-1]
@@ -205,6 +224,15 @@ def test_ce_only_runs_build_no_teacher(run):
     losses, width, text = run["ce_pp2"]
     assert width == 32 and text is False  # student hidden only; the student's own token batches
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+def test_adaspec_reads_the_reference_model(run):
+    same, width = run["adaspec_same"]
+    assert width == 32 + 64 + 32  # student + teacher + reference hidden states between the stages
+    assert same["kept_fraction"] == 1.0  # reference == student: every gap is 0, all tied at the threshold
+    other, _ = run["adaspec_other"]
+    assert 0.35 < other["kept_fraction"] < 0.45, other  # the top 40% of gaps (an interpolated quantile)
+    assert math.isfinite(other["loss"]) and other["loss"] > 0
 
 
 def test_dskd_layouts_agree(run):

@@ -179,13 +179,16 @@ class AlignerRuntime:
         return list(self.aligner.trainable_modules())
 
     # ------------------------------------------------------------------ loss
-    def loss(self, batch: dict[str, torch.Tensor], output: tuple, parts: LossParts, *, tp_group: Any, step: int,
+    def loss(self, batch: dict[str, torch.Tensor], output: Any, parts: LossParts, *, tp_group: Any, step: int,
              total_steps: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """One microbatch's ``(loss_sum, count, report)`` through ``aligner.loss`` (see module docstring)."""
+        """One microbatch's ``(loss_sum, count, report)`` through ``aligner.loss`` (see module docstring).
+
+        ``output`` is the last stage's :class:`~.pipeline.StageOutput`.
+        """
         from ..aligners.base import AlignerInputs
         from ..data.alignment_collate import pair_rows
 
-        zs, zt = output[0], output[1]
+        zs, zt = output.student_logits, output.teacher_logits
         s_all = zs.reshape(-1, zs.shape[-1])
         t_all = zt.reshape(-1, zt.shape[-1]).detach()
         labels = batch["labels"].reshape(-1).to(s_all.device)
@@ -203,7 +206,7 @@ class AlignerRuntime:
             return zero, torch.tensor(0, dtype=torch.int64, device=zero.device), report
         hidden = {}
         if self.needs_hidden:
-            hs, ht = output[2], output[3]
+            hs, ht = output.student_hidden, output.teacher_hidden
             hidden = dict(student_hidden=hs.transpose(0, 1).reshape(-1, hs.shape[-1]),
                           teacher_hidden=ht.transpose(0, 1).reshape(-1, ht.shape[-1]),
                           student_head_weight=self.stage.output_weight("student"),

@@ -96,15 +96,12 @@ class LossParts:
 def build_loss_parts(recipe, host) -> LossParts:
     """Build the recipe's objective, selector and temperature policy through the plugin host.
 
-    Raises:
-        DistillError: the selector needs a reference model (not supported by the engine yet).
+    A selector with ``needs_reference_model`` (AdaSPEC) makes the trainer build
+    the recipe's ``reference`` model next to the teacher.
     """
     objective = host.build("objective", recipe.objective.name, dict(recipe.objective.params))
     selector = host.build("token_selector", recipe.selector.name, dict(recipe.selector.params))
     policy = host.build("temperature_policy", recipe.temperature.name, dict(recipe.temperature.params))
-    if getattr(selector, "needs_reference_model", False):
-        raise DistillError(f"selector {recipe.selector.name!r} needs a reference model, which the megatron engine "
-                           "does not run yet; pick another selector")
     return LossParts(objective=objective, selector=selector, temperature=policy,
                      kd_weight=recipe.loss.kd_weight, ce_weight=recipe.loss.ce_weight)
 
@@ -152,6 +149,7 @@ def distill_loss(
     parts: LossParts,
     *,
     loss_mask: Optional[torch.Tensor] = None,
+    reference_logits: Optional[torch.Tensor] = None,
     tp_group: Any = None,
     vocab_size: Optional[int] = None,
     step: int = 0,
@@ -166,6 +164,8 @@ def distill_loss(
         labels: ``[...]`` global next-token ids, ``-100`` = no loss.
         parts: objective, selector, policy and weights.
         loss_mask: optional ``[...]`` 0/1 mask ANDed with ``labels != -100``.
+        reference_logits: ``[..., V_local]`` of a frozen reference model (AdaSPEC's
+            selector reads them as ``TokenContext.reference_logits``), or None.
         tp_group: the TP group the vocabulary is sharded over (None = unsharded).
         vocab_size: real vocabulary size (padding columns excluded).
         step, total_steps: optimizer steps done / planned (for schedules).
@@ -204,8 +204,9 @@ def distill_loss(
     kd_count = 0
     if parts.kd_weight > 0 and n_valid > 0:
         s, t, lab = s_all[idx], t_all[idx], lab_all[idx]
+        ref = reference_logits.reshape(-1, v_local)[idx].detach() if reference_logits is not None else None
         ctx = TokenContext(student_logits=s, teacher_logits=t, tp_group=tp_group, vocab_size=vocab_size,
-                           labels=lab, step=step, total_steps=total_steps)
+                           labels=lab, step=step, total_steps=total_steps, reference_logits=ref)
         selection = parts.selector.select(ctx) if parts.selector is not None else Selection(
             keep=torch.ones(n_valid, dtype=torch.bool, device=s.device))
         keep = selection.keep.to(device=s.device, dtype=torch.bool)
@@ -216,7 +217,8 @@ def distill_loss(
         if n_kept < n_valid:
             kidx = keep.nonzero(as_tuple=True)[0]
             ctx = TokenContext(student_logits=s[kidx], teacher_logits=t[kidx], tp_group=tp_group,
-                               vocab_size=vocab_size, labels=lab[kidx], step=step, total_steps=total_steps)
+                               vocab_size=vocab_size, labels=lab[kidx], step=step, total_steps=total_steps,
+                               reference_logits=ref[kidx] if ref is not None else None)
         report["kept_tokens"] += n_kept
         if n_kept > 0:
             tau = parts.temperature.temperatures(ctx, selection) if parts.temperature is not None else 1.0

@@ -20,7 +20,12 @@ hidden dimension: ``[s, b, h_student + h_teacher]``.
 * Different tokenizers: the batch carries ``teacher_tokens`` (same length as the
   student's ``tokens``), and the first stage feeds those to the teacher.
 * No teacher (``teacher=None``, a run with ``loss.kd_weight: 0``): the stage is
-  the student alone; the last stage returns ``(student_logits, None)``.
+  the student alone.
+* A frozen reference model (AdaSPEC's selector) rides along like the teacher:
+  on the student's tokens, under ``no_grad``, its hidden states appended to the
+  P2P tensor (``[s, b, h_s + h_t + h_r]``).
+* The last stage returns a :class:`StageOutput` (student and teacher logits,
+  and when asked for: both output layers' inputs, the reference's logits).
 * Hidden states for aligners that project them (DSKD):
   :meth:`DistillStage.capture_hidden_states` makes the last stage also return
   both output layers' inputs ``[s, b, h]`` (after the final norm), taken by a
@@ -49,13 +54,27 @@ Usage::
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import torch
 
 from ..errors import RecipeError
 
-__all__ = ["DistillStage", "pipeline_tensor_shapes", "forward_backward", "check_schedule", "position_ids_for"]
+__all__ = ["DistillStage", "StageOutput", "pipeline_tensor_shapes", "forward_backward", "check_schedule",
+           "position_ids_for"]
+
+
+class StageOutput(NamedTuple):
+    """What the last pipeline stage hands the loss function.
+
+    Logits are ``[b, s, V_local]`` (vocab-parallel); hidden states ``[s, b, h]``.
+    """
+
+    student_logits: torch.Tensor
+    teacher_logits: Optional[torch.Tensor]
+    student_hidden: Optional[torch.Tensor] = None
+    teacher_hidden: Optional[torch.Tensor] = None
+    reference_logits: Optional[torch.Tensor] = None
 
 
 def _megatron_module():
@@ -70,20 +89,26 @@ class DistillStage(_megatron_module()):  # type: ignore[misc]
     Args:
         student: this rank's student GPTModel stage.
         teacher: this rank's teacher GPTModel stage (frozen), or None (CE-only runs).
+        reference: this rank's stage of a frozen reference model on the student's
+            tokens and vocabulary (AdaSPEC), or None.
     """
 
-    def __init__(self, student: torch.nn.Module, teacher: Optional[torch.nn.Module]):
+    def __init__(self, student: torch.nn.Module, teacher: Optional[torch.nn.Module],
+                 reference: Optional[torch.nn.Module] = None):
         super().__init__(config=student.config)
         self.module = student
         self._teacher = [teacher]  # a list hides it from nn.Module registration
+        self._reference = [reference]
         self.student_hidden = student.config.hidden_size
         self.teacher_hidden = teacher.config.hidden_size if teacher is not None else 0
+        self.reference_hidden = reference.config.hidden_size if reference is not None else 0
         # No pre_process/post_process attributes here: megatron's finalize_model_grads
         # looks them up to find the module owning the embeddings, which is the student.
         self.first_stage = student.pre_process
         self.last_stage = student.post_process
-        if teacher is not None and (teacher.pre_process, teacher.post_process) != (self.first_stage, self.last_stage):
-            raise RecipeError("student and teacher disagree on first/last pipeline stage")
+        for who, model in (("teacher", teacher), ("reference", reference)):
+            if model is not None and (model.pre_process, model.post_process) != (self.first_stage, self.last_stage):
+                raise RecipeError(f"student and {who} disagree on first/last pipeline stage")
         self.model_type = getattr(student, "model_type", None)
         self._hidden: Optional[dict] = None  # who -> captured output-layer input, when capturing
 
@@ -96,9 +121,13 @@ class DistillStage(_megatron_module()):  # type: ignore[misc]
         return self._teacher[0]
 
     @property
+    def reference(self) -> Optional[torch.nn.Module]:
+        return self._reference[0]
+
+    @property
     def hidden_size(self) -> int:
-        """Width of the tensor sent between stages: student hidden + teacher hidden."""
-        return self.student_hidden + self.teacher_hidden
+        """Width of the tensor sent between stages: student + teacher (+ reference) hidden."""
+        return self.student_hidden + self.teacher_hidden + self.reference_hidden
 
     # -- aligner support ----------------------------------------------------------
     def capture_hidden_states(self) -> None:
@@ -132,34 +161,38 @@ class DistillStage(_megatron_module()):  # type: ignore[misc]
             assert len(input_tensor) == 1, "DistillStage takes one pipeline tensor"
             input_tensor = input_tensor[0]
         if input_tensor is None:
-            for model in (self.student, self.teacher):
+            for model in (self.student, self.teacher, self.reference):
                 if model is not None:
                     model.set_input_tensor(None)
             return
         if input_tensor.shape[-1] != self.hidden_size:
             raise RuntimeError(f"pipeline tensor has width {input_tensor.shape[-1]}, expected "
-                               f"{self.student_hidden} (student) + {self.teacher_hidden} (teacher)")
-        self.student.set_input_tensor(input_tensor[..., : self.student_hidden])
+                               f"{self.student_hidden} (student) + {self.teacher_hidden} (teacher) + "
+                               f"{self.reference_hidden} (reference)")
+        s, t = self.student_hidden, self.student_hidden + self.teacher_hidden
+        self.student.set_input_tensor(input_tensor[..., :s])
         if self.teacher is not None:
-            self.teacher.set_input_tensor(input_tensor[..., self.student_hidden:].detach())
+            self.teacher.set_input_tensor(input_tensor[..., s:t].detach())
+        if self.reference is not None:
+            self.reference.set_input_tensor(input_tensor[..., t:].detach())
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask=None,
                 teacher_input_ids: Optional[torch.Tensor] = None):
         """``teacher_input_ids``: the teacher's own tokens when its tokenizer differs (first stage)."""
-        if self.teacher is None:
-            s_out = self.student(input_ids, position_ids, attention_mask)
-            return (s_out, None) if self.last_stage else s_out
-        self.teacher.eval()
-        t_ids = input_ids if teacher_input_ids is None else teacher_input_ids
+        t_out = r_out = None
         with torch.no_grad():
-            t_out = self.teacher(t_ids, position_ids, attention_mask)
+            if self.teacher is not None:
+                self.teacher.eval()
+                t_ids = input_ids if teacher_input_ids is None else teacher_input_ids
+                t_out = self.teacher(t_ids, position_ids, attention_mask)
+            if self.reference is not None:
+                self.reference.eval()
+                r_out = self.reference(input_ids, position_ids, attention_mask)
         s_out = self.student(input_ids, position_ids, attention_mask)
         if self.last_stage:
-            if self._hidden is not None:
-                hidden, self._hidden = self._hidden, {}
-                return s_out, t_out, hidden["student"], hidden["teacher"]
-            return s_out, t_out
-        return torch.cat([s_out, t_out.to(s_out.dtype)], dim=-1)
+            hidden, self._hidden = (self._hidden, {}) if self._hidden is not None else ({}, None)
+            return StageOutput(s_out, t_out, hidden.get("student"), hidden.get("teacher"), r_out)
+        return torch.cat([s_out] + [x.to(s_out.dtype) for x in (t_out, r_out) if x is not None], dim=-1)
 
     # -- checkpoints see the student only --------------------------------------
     def state_dict(self, *args, **kwargs):
@@ -173,8 +206,9 @@ class DistillStage(_megatron_module()):  # type: ignore[misc]
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # the teacher never leaves eval mode
+        for frozen in (self.teacher, self.reference):
+            if frozen is not None:
+                frozen.eval()  # frozen models never leave eval mode
         return self
 
 
@@ -224,8 +258,8 @@ def forward_backward(
         model: the DDP-wrapped :class:`DistillStage` (or a bare one).
         batches: this rank's microbatches (every pipeline stage reads the same
             ones; only the first uses tokens and only the last uses labels).
-        loss_fn: ``loss_fn(batch, (student_logits, teacher_logits[, student_hidden,
-            teacher_hidden])) -> (loss_sum, count, report)``; called on the last stage only.
+        loss_fn: ``loss_fn(batch, StageOutput) -> (loss_sum, count, report)``;
+            called on the last stage only.
         num_microbatches, seq_length, micro_batch_size: the step's shape.
         forward_only: no backward (evaluation).
 

@@ -89,14 +89,15 @@ def load_model_weights(model: torch.nn.Module, spec: ModelSpec, *, seed: int, wh
 
 
 def build_teacher(spec: ModelSpec, parallel: ParallelSpec, *, vocab_size: int, precision: str = "fp32",
-                  cpu: bool = False, seed: int = 1234, use_te: Optional[bool] = None) -> torch.nn.Module:
-    """Build, load and freeze this rank's pipeline stage of the teacher."""
+                  cpu: bool = False, seed: int = 1234, use_te: Optional[bool] = None,
+                  who: str = "teacher") -> torch.nn.Module:
+    """Build, load and freeze this rank's pipeline stage of a frozen model (the teacher, or AdaSPEC's reference)."""
     teacher = models.build_gpt_model(spec, parallel, vocab_size=vocab_size, precision=precision, cpu=cpu,
-                                     use_te=use_te, who="teacher")
-    source = load_model_weights(teacher, spec, seed=seed, who="teacher")
+                                     use_te=use_te, who=who)
+    source = load_model_weights(teacher, spec, seed=seed, who=who)
     if source.startswith("random"):
-        log.warning("teacher has no weights (teacher.hf / teacher.megatron / teacher.checkpoint unset): using a "
-                    "random teacher, which only makes sense for tests and dry runs")
+        log.warning("%s has no weights (%s.hf / %s.megatron / %s.checkpoint unset): using a random %s, which only "
+                    "makes sense for tests and dry runs", who, who, who, who, who)
     else:
-        log.info("teacher weights from %s", source)
+        log.info("%s weights from %s", who, source)
     return freeze(teacher)

@@ -62,7 +62,7 @@ from ..parallel import ParallelContext
 from ..recipe.schema import Recipe
 from . import models
 from .loss import REPORT_KEYS, LossParts, distill_loss
-from .pipeline import DistillStage, check_schedule, forward_backward
+from .pipeline import DistillStage, StageOutput, check_schedule, forward_backward
 from .teacher import build_teacher
 
 __all__ = ["Trainer", "StepResult", "NonFiniteLossError", "num_microbatches", "reduce_reports"]
@@ -181,11 +181,18 @@ class Trainer:
                     teacher_init(teacher)
         else:
             log.info("loss.kd_weight is 0: no teacher is built (cross-entropy on labels only)")
+        reference = None
+        if teacher is not None and getattr(parts.selector, "needs_reference_model", False):
+            if recipe.reference is None:
+                raise RecipeError(f"selector {recipe.selector.name!r} needs a reference model: add a `reference:` "
+                                  "section (the student's architecture, e.g. {hf: /models/draft-ref})")
+            reference = build_teacher(recipe.reference, par, vocab_size=vocab_size, precision=t.precision, cpu=cpu,
+                                      seed=recipe.seed + 2, who="reference")
         cross_vocab = aligner is not None and aligner.computes_loss
         if teacher is not None and not cross_vocab and \
                 models.model_layout(teacher).padded_vocab_size != models.model_layout(student).padded_vocab_size:
             raise RecipeError("student and teacher padded vocabularies differ; they need the same vocab_size")
-        stage = DistillStage(student, teacher)
+        stage = DistillStage(student, teacher, reference)
         if aligner is not None and teacher is not None:
             aligner.attach(stage, tp_group=ctx.tp_group, seed=recipe.seed)
         ddp_config = DistributedDataParallelConfig(
@@ -225,17 +232,16 @@ class Trainer:
     def total_steps(self) -> int:
         return self.recipe.training.steps
 
-    def _loss_fn(self, batch: dict[str, torch.Tensor], output) -> tuple:
-        student_logits, teacher_logits = output[0], output[1]
+    def _loss_fn(self, batch: dict[str, torch.Tensor], output: StageOutput) -> tuple:
         if self.logits_hook is not None:
-            student_logits = self.logits_hook(self.step, student_logits)
-        if self.aligner is not None and self.aligner.computes_loss and teacher_logits is not None:
-            loss, count, report = self.aligner.loss(batch, (student_logits, teacher_logits, *output[2:]), self.parts,
-                                                    tp_group=self.ctx.tp_group, step=self.step,
-                                                    total_steps=self.total_steps)
+            output = output._replace(student_logits=self.logits_hook(self.step, output.student_logits))
+        if self.aligner is not None and self.aligner.computes_loss and output.teacher_logits is not None:
+            loss, count, report = self.aligner.loss(batch, output, self.parts, tp_group=self.ctx.tp_group,
+                                                    step=self.step, total_steps=self.total_steps)
             return loss, count.to(torch.int), report
         loss, count, report = distill_loss(
-            student_logits, teacher_logits, batch["labels"], self.parts, loss_mask=batch.get("loss_mask"),
+            output.student_logits, output.teacher_logits, batch["labels"], self.parts,
+            reference_logits=output.reference_logits, loss_mask=batch.get("loss_mask"),
             tp_group=self.ctx.tp_group, vocab_size=self.vocab_size, step=self.step, total_steps=self.total_steps)
         return loss, count.to(torch.int), report
 

@@ -90,6 +90,20 @@ def _structure_errors(recipe: Recipe) -> list[str]:
     return errors
 
 
+def _reference_errors(recipe: Recipe) -> list[str]:
+    """A selector that reads a reference model (AdaSPEC) needs ``reference:`` on the student's vocabulary."""
+    name = recipe.selector.name
+    ref = recipe.reference
+    if ref is None:
+        return [f"selector {name!r} compares the student with a frozen reference model: add a `reference:` section "
+                "(the student's architecture distilled beforehand, e.g. reference: {hf: /models/draft-ref})"]
+    s_vocab = recipe.student.vocab_size
+    if ref.vocab_size is not None and s_vocab is not None and ref.vocab_size != s_vocab:
+        return [f"reference.vocab_size={ref.vocab_size} differs from student.vocab_size={s_vocab}: the reference "
+                f"model of selector {name!r} reads the student's tokens and vocabulary"]
+    return []
+
+
 def resolve_auto_aligner(recipe: Recipe) -> str:
     """The registered aligner ``aligner: auto`` stands for in ``recipe`` (see docs/aligners.md)."""
     import os
@@ -162,6 +176,9 @@ def validate_recipe_data(data: dict[str, Any], host=None, source: str = "recipe"
         check = getattr(cls, "check_recipe", None)
         if check is not None:
             errors.extend(type(e)(f"{section}: {e}") for e in check(config, checked))
+    selector = part_configs.get("selector")
+    if selector is not None and getattr(selector[0], "needs_reference_model", False):
+        errors.extend(_reference_errors(checked))
     errors.extend(_structure_errors(checked))
     if recipe is not None:
         errors.extend(host.validate_recipe(to_plain(recipe)))

@@ -340,9 +340,10 @@ class AdaSPEC(_Selector):
     With ``p`` the teacher (target), ``q`` the student (draft) and ``q_ref`` a
     frozen reference model (the draft's architecture, distilled beforehand):
     ``delta_i = KL(p || q) - KL(p || q_ref)``; keep ``delta_i >= quantile(delta, 1 - fraction)``
-    (the reference code's ``k``, default 0.4). Ties at the threshold are all
-    kept, so slightly more than ``fraction`` may be kept; at least one token is
-    always kept. The loss is ``sum_kept / all valid tokens`` (``normalize_by: all``).
+    (the reference code's ``k``, default 0.4). The quantile interpolates
+    between neighbours as ``torch.quantile`` does in the reference code, so
+    about ``fraction`` of the tokens are kept (one fewer or more); ties at the
+    threshold are all kept; at least one token is always kept. The loss is ``sum_kept / all valid tokens`` (``normalize_by: all``).
 
     Needs ``ctx.reference_logits`` (``needs_reference_model``). The gap is
     not passed on as :attr:`Selection.scores` (it is not a difficulty and may be
