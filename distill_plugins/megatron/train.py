@@ -129,6 +129,7 @@ class Trainer:
         self.nonfinite_skips = 0
         self.consecutive_nonfinite = 0
         self.empty_microbatches = 0
+        self.loss_scale_skips = 0  # fp16 steps the dynamic loss scaler skipped (overflow)
         #: test hook: ``fn(step, student_logits) -> student_logits`` applied on the last stage.
         self.logits_hook: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None
         #: called after every step with the StepResult (checkpointing, signals, tests).
@@ -206,6 +207,7 @@ class Trainer:
             adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, clip_grad=t.clip_grad,
             bf16=t.precision == "bf16", fp16=t.precision == "fp16",
             params_dtype=student.config.params_dtype, use_distributed_optimizer=par.distributed_optimizer,
+            initial_loss_scale=t.initial_loss_scale,
         )
         overrides = aligner.optimizer_overrides(opt_config) if aligner is not None else None
         optimizer = get_megatron_optimizer(opt_config, [model], config_overrides=overrides)
@@ -279,7 +281,9 @@ class Trainer:
         reports = forward_backward(self.model, self.data, self._loss_fn, num_microbatches=self.num_microbatches,
                                    seq_length=self.recipe.data.seq_length, micro_batch_size=t.micro_batch_size)
         sums = reduce_reports(reports, self.ctx, is_last_stage=self.is_last_stage, keys=self.report_keys)
-        local_bad = not self._grads_finite()
+        # fp16: overflowing gradients are the dynamic loss scaler's business (megatron's optimizer
+        # skips the update and lowers the scale); only a non-finite loss is the guard's.
+        local_bad = t.precision != "fp16" and not self._grads_finite()
         if self.is_last_stage:
             local_bad = local_bad or sums["nonfinite"] > 0 or not math.isfinite(sums["kd_sum"] + sums["ce_sum"])
         skipped = self._agree(local_bad)
@@ -297,8 +301,8 @@ class Trainer:
             ok, norm, _ = self.optimizer.step()
             if norm is not None:
                 grad_norm = float(norm)
-            if not ok:  # fp16 loss-scaler overflow: megatron skipped the update itself
-                self.nonfinite_skips += 1
+            if not ok:  # fp16 loss-scaler overflow: megatron skipped the update and lowered the scale
+                self.loss_scale_skips += 1
         self.step += 1
         self.empty_microbatches += int(sums["empty_microbatches"])
         elapsed = time.perf_counter() - start
@@ -346,6 +350,8 @@ class Trainer:
             "tokens_per_second": tps, "step_time_s": elapsed, "eta_s": eta, "skipped": float(skipped),
             "nonfinite_skips": float(self.nonfinite_skips), "consecutive_nonfinite": float(self.consecutive_nonfinite),
             "empty_microbatches": float(self.empty_microbatches), **aligned,
+            **({"loss_scale": float(self.optimizer.get_loss_scale()), "loss_scale_skips": float(self.loss_scale_skips)}
+               if self.recipe.training.precision == "fp16" else {}),
         }
 
     def _report(self, result: StepResult) -> None:
@@ -375,13 +381,15 @@ class Trainer:
     def counters(self) -> dict[str, int]:
         """The engine's counters, saved in checkpoints."""
         return {"step": self.step, "nonfinite_skips": self.nonfinite_skips,
-                "consecutive_nonfinite": self.consecutive_nonfinite, "empty_microbatches": self.empty_microbatches}
+                "consecutive_nonfinite": self.consecutive_nonfinite, "empty_microbatches": self.empty_microbatches,
+                "loss_scale_skips": self.loss_scale_skips}
 
     def load_counters(self, state: dict[str, int]) -> None:
         self.step = int(state.get("step", self.step))
         self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
         self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
         self.empty_microbatches = int(state.get("empty_microbatches", 0))
+        self.loss_scale_skips = int(state.get("loss_scale_skips", 0))
 
     @torch.no_grad()
     def evaluate(self, eval_data) -> dict[str, float]:

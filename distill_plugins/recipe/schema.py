@@ -142,6 +142,9 @@ class TrainingSpec:
     adam_beta2: float = _help("Adam beta2", default=0.95)
     clip_grad: float = _help("global gradient-norm clip; 0 disables", default=1.0)
     precision: Literal["fp32", "bf16", "fp16"] = _help("parameter/compute precision", default="fp32")
+    initial_loss_scale: float = _help(
+        "fp16 only: first dynamic loss scale (halved on each overflow, which skips that step; the losses are "
+        "token sums, so gradients near the logits are O(1) and large scales overflow)", default=4096.0)
     max_consecutive_nonfinite: int = _help("stop after this many skipped (NaN/Inf) steps in a row", default=5)
     log_interval: int = _help("steps between progress lines", default=1)
     eval_interval: int = _help("steps between held-out evaluations; 0 disables", default=0)
@@ -150,7 +153,8 @@ class TrainingSpec:
     def __post_init__(self):
         _positive("training", steps=self.steps, micro_batch_size=self.micro_batch_size,
                   global_batch_size=self.global_batch_size, lr=self.lr, log_interval=self.log_interval,
-                  max_consecutive_nonfinite=self.max_consecutive_nonfinite)
+                  max_consecutive_nonfinite=self.max_consecutive_nonfinite,
+                  initial_loss_scale=self.initial_loss_scale)
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"training.global_batch_size={self.global_batch_size} is not a multiple of "
                              f"training.micro_batch_size={self.micro_batch_size}")
