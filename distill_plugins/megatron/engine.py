@@ -151,12 +151,11 @@ class Engine:
     def save(self) -> Any:
         """Save a checkpoint of the current step (collective)."""
         from .checkpoint import save_checkpoint
+        from .optimizer_state import optimizer_state_dict
 
         tr = self.trainer
-        if self.recipe.parallel.distributed_optimizer:
-            raise DistillError("checkpointing with parallel.distributed_optimizer is not supported yet; set it false")
         path = save_checkpoint(
-            self.ckpt_dir, tr.step, model_state=tr.stage.state_dict(), optimizer_state=tr.optimizer.state_dict(),
+            self.ckpt_dir, tr.step, model_state=tr.stage.state_dict(), optimizer_state=optimizer_state_dict(tr.optimizer),
             scheduler_state=tr.scheduler.state_dict(), data_state=self.data.state_dict(),
             parts_state=self._parts_state(),
             extra=tr.counters(), layout=self.layout, keep=self.recipe.checkpoint.keep,
@@ -185,7 +184,9 @@ class Engine:
         tr = self.trainer
         ck = load_checkpoint(path, layout=self.layout)
         tr.stage.load_state_dict(ck.model_state)
-        tr.optimizer.load_state_dict(ck.optimizer_state)
+        from .optimizer_state import load_optimizer_state
+
+        load_optimizer_state(tr.optimizer, ck.optimizer_state)
         tr.scheduler.load_state_dict(ck.scheduler_state)
         self.data.load_state_dict(ck.data_state)
         parts = self.parts.stateful()

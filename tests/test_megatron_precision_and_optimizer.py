@@ -1,11 +1,16 @@
-"""bf16 and fp16 training through the engine on CPU (2 gloo ranks, TP=2).
+"""bf16/fp16 training and the distributed optimizer through the engine on CPU (2 gloo ranks).
 
-One 2-process job trains the same tiny student from the same weights and
+Precision (TP=2): one 2-process job trains the same tiny student from the same weights and
 batches in fp32, bf16 and fp16. The reduced-precision runs must follow the
 fp32 losses closely, keep their parameters in that dtype, and fp16 must run
 megatron's dynamic loss scaler: an overflow (forced by huge logits on one
 step) is skipped by the scaler and counted as ``loss_scale_skips``, not as a
-non-finite step.
+non-finite step. (The losses are token sums, so the first scale is small: 64.)
+
+Distributed optimizer (DP=2, optimizer state sharded over the two ranks): it
+follows the plain optimizer, and 2 steps + checkpoint + resume + 2 steps equal
+4 straight steps bit for bit, in fp32 and bf16 (where the fp32 main weights
+live only in the optimizer's shards).
 """
 
 from __future__ import annotations
@@ -20,18 +25,18 @@ from distill_plugins.testing.distributed import run_distributed
 VOCAB, SEQ, STEPS = 200, 16, 4
 
 
-def _recipe(precision: str, out: str):
+def _recipe(precision: str, out: str, *, tp: int = 2, distributed_optimizer: bool = False, resume: str = "none"):
     from distill_plugins.recipe.schema import (CheckpointSpec, DataSpec, ModelSpec, ParallelSpec, Recipe,
                                                TrainingSpec)
 
     model = dict(arch="llama", num_layers=2, num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=SEQ)
     return Recipe(
         student=ModelSpec(hidden_size=32, **model), teacher=ModelSpec(hidden_size=48, **model),
-        parallel=ParallelSpec(tensor=2, make_vocab_size_divisible_by=8),
+        parallel=ParallelSpec(tensor=tp, make_vocab_size_divisible_by=8, distributed_optimizer=distributed_optimizer),
         data=DataSpec(kind="synthetic", seq_length=SEQ),
         training=TrainingSpec(steps=STEPS, micro_batch_size=2, global_batch_size=4, lr=3e-3, warmup_steps=0,
                               lr_decay="constant", precision=precision, initial_loss_scale=64.0),
-        checkpoint=CheckpointSpec(resume="none"), device="cpu", seed=3, output_dir=out)
+        checkpoint=CheckpointSpec(resume=resume), device="cpu", seed=3, output_dir=out)
 
 
 def _sharpen(model):
@@ -39,7 +44,7 @@ def _sharpen(model):
         model.output_layer.weight.mul_(20.0)
 
 
-def _run(precision: str, out: str, hook=None) -> dict:
+def _engine(precision: str, out: str, **kw):
     from megatron.core import parallel_state as ps
 
     from distill_plugins.manager import build_plugin_host
@@ -49,8 +54,15 @@ def _run(precision: str, out: str, hook=None) -> dict:
 
     if ps.model_parallel_is_initialized():
         dps.destroy()
-    data = SyntheticBatches(vocab_size=VOCAB, seq_length=SEQ, micro_batch_size=2, global_batch_size=4, seed=5)
-    eng = Engine(_recipe(precision, out), build_plugin_host(), cpu=True, data=data, teacher_init=_sharpen)
+    recipe = _recipe(precision, out, **kw)
+    ctx = dps.initialize(recipe.parallel, seed=recipe.seed, cpu=True)
+    data = SyntheticBatches(vocab_size=VOCAB, seq_length=SEQ, micro_batch_size=2, global_batch_size=4, seed=5,
+                            dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
+    return Engine(recipe, build_plugin_host(), cpu=True, data=data, teacher_init=_sharpen)
+
+
+def _run(precision: str, out: str, hook=None) -> dict:
+    eng = _engine(precision, out)
     eng.trainer.logits_hook = hook
     metrics = [eng.trainer.train_step().metrics for _ in range(STEPS)]
     return {"metrics": metrics, "dtype": str(next(eng.trainer.stage.student.parameters()).dtype)}
@@ -67,7 +79,31 @@ def worker(rank: int, world: int, out: str) -> dict:
     torch.set_num_threads(1)
     runs = {p: _run(p, f"{out}/{p}") for p in ("fp32", "bf16", "fp16")}
     runs["fp16_overflow"] = _run("fp16", f"{out}/overflow", hook=_overflow_on_step_two)
+    runs["distopt"] = {p: _distributed_optimizer(p, f"{out}/distopt_{p}") for p in ("fp32", "bf16")}
     return runs
+
+
+def _losses(engine, n):
+    return [engine.trainer.train_step().metrics["loss"] for _ in range(n)]
+
+
+def _distributed_optimizer(precision: str, out: str) -> dict:
+    from distill_plugins.megatron.optimizer_state import is_distributed
+    from distill_plugins.megatron.teacher import parameter_digest
+
+    plain = _losses(_engine(precision, f"{out}/plain", tp=1), STEPS)
+    straight = _engine(precision, f"{out}/straight", tp=1, distributed_optimizer=True)
+    sharded = is_distributed(straight.trainer.optimizer)
+    losses = _losses(straight, STEPS)
+    digest = parameter_digest(straight.trainer.stage.student)
+    first = _engine(precision, f"{out}/resumed", tp=1, distributed_optimizer=True)
+    resumed = _losses(first, STEPS // 2)
+    first.save()
+    second = _engine(precision, f"{out}/resumed", tp=1, distributed_optimizer=True, resume="auto")
+    start = second.trainer.step
+    resumed += _losses(second, STEPS - STEPS // 2)
+    return {"plain": plain, "straight": losses, "resumed": resumed, "start": start, "sharded": sharded,
+            "digests": (digest, parameter_digest(second.trainer.stage.student))}
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +127,13 @@ def test_fp16_overflow_is_the_loss_scalers_skip(runs):
     assert metrics[1]["loss_scale_skips"] == 1  # the huge-logit step overflowed in fp16 gradients
     assert metrics[-1]["nonfinite_skips"] == 0 and metrics[-1]["consecutive_nonfinite"] == 0
     assert all(math.isfinite(m["loss"]) for m in metrics)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_distributed_optimizer_follows_and_resumes_exactly(runs, precision):
+    r = runs["distopt"][precision]
+    assert r["sharded"] is True
+    assert r["straight"] == pytest.approx(r["plain"], rel=1e-4 if precision == "bf16" else 1e-6)
+    assert r["start"] == STEPS // 2
+    assert r["resumed"] == r["straight"]  # bit for bit
+    assert r["digests"][0] == r["digests"][1]
