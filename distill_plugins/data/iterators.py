@@ -51,8 +51,72 @@ from .tokenizer import Tokenizer, load_tokenizer
 log = get_logger(__name__)
 
 
-class MicrobatchIterator:
-    """Infinite (or bounded) iterator of one DP rank's microbatches; resumable by consumed samples.
+class ConsumedSamplesIterator:
+    """Shared bookkeeping of resumable microbatch iterators (the contract in the module docstring).
+
+    Microbatch ``k`` of DP rank ``r`` covers global samples ``[c + r*b, c + (r+1)*b)``
+    with ``c`` the consumed count before it; the state is that count. ``stream``
+    names what the batches hold (``tokens`` or ``text``), so a checkpoint of one
+    kind of stream never silently resumes the other.
+    """
+
+    stream = "tokens"
+
+    def __init__(self, *, micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int = 0,
+                 max_microbatches: Optional[int] = None, kind: str = "", split: str = "train", seq_length: int):
+        if micro_batch_size <= 0:
+            raise ValueError(f"micro_batch_size={micro_batch_size} must be > 0")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_size={dp_size})")
+        self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+        self.consumed_samples = self._checked(consumed_samples)
+        self.max_microbatches = max_microbatches
+        self.kind, self.split = kind, split
+        self._yielded = 0
+        self._positions = torch.arange(seq_length, dtype=torch.int64).unsqueeze(0).expand(
+            micro_batch_size, seq_length).contiguous()
+
+    def _checked(self, consumed: int) -> int:
+        step = self.micro_batch_size * self.dp_size
+        if consumed < 0 or consumed % step:
+            raise ValueError(f"consumed_samples={consumed} must be a non-negative multiple of "
+                             f"micro_batch_size*dp_size={step}")
+        return int(consumed)
+
+    def __iter__(self):
+        return self
+
+    def _next_first(self) -> int:
+        """The first global sample of the next microbatch of this rank (StopIteration when bounded and done)."""
+        if self.max_microbatches is not None and self._yielded >= self.max_microbatches:
+            raise StopIteration
+        return self.consumed_samples + self.dp_rank * self.micro_batch_size
+
+    def _advance(self) -> None:
+        self.consumed_samples += self.micro_batch_size * self.dp_size
+        self._yielded += 1
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to resume this iterator: the global consumed-sample count."""
+        return {"consumed_samples": self.consumed_samples, "kind": self.kind, "split": self.split,
+                "stream": self.stream}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict` (same recipe data section)."""
+        saved = state.get("stream", "tokens")
+        if saved != self.stream:
+            what = {"tokens": "token-id batches", "text": "raw-text batches of a cross-tokenizer aligner"}
+            raise InputError(f"the checkpoint was trained on {what.get(saved, saved)}, this run reads "
+                             f"{what.get(self.stream, self.stream)}; resume with the aligner and tokenizers it "
+                             "was written with")
+        if state.get("kind", self.kind) != self.kind:
+            raise InputError(f"checkpoint data state is for data.kind={state.get('kind')!r}, this run has "
+                             f"{self.kind!r}; resume with the data section the checkpoint was written with")
+        self.consumed_samples = self._checked(int(state["consumed_samples"]))
+
+
+class MicrobatchIterator(ConsumedSamplesIterator):
+    """Infinite (or bounded) iterator of one DP rank's token microbatches; resumable by consumed samples.
 
     Args:
         source: a sample source (``sample(i) -> (text[s+1], loss_mask[s])``).
@@ -64,27 +128,13 @@ class MicrobatchIterator:
 
     def __init__(self, source, *, micro_batch_size: int, dp_rank: int, dp_size: int,
                  consumed_samples: int = 0, max_microbatches: Optional[int] = None, kind: str = "", split: str = "train"):
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_size={dp_size})")
-        if consumed_samples < 0 or consumed_samples % (micro_batch_size * dp_size):
-            raise ValueError(f"consumed_samples={consumed_samples} must be a non-negative multiple of "
-                             f"micro_batch_size*dp_size={micro_batch_size * dp_size}")
+        super().__init__(micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                         consumed_samples=consumed_samples, max_microbatches=max_microbatches, kind=kind, split=split,
+                         seq_length=source.seq_length)
         self.source = source
-        self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
-        self.consumed_samples = int(consumed_samples)
-        self.max_microbatches = max_microbatches
-        self.kind, self.split = kind, split
-        self._yielded = 0
-        s = source.seq_length
-        self._positions = torch.arange(s, dtype=torch.int64).unsqueeze(0).expand(micro_batch_size, s).contiguous()
-
-    def __iter__(self) -> "MicrobatchIterator":
-        return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        if self.max_microbatches is not None and self._yielded >= self.max_microbatches:
-            raise StopIteration
-        first = self.consumed_samples + self.dp_rank * self.micro_batch_size
+        first = self._next_first()
         ids = list(range(first, first + self.micro_batch_size))
         texts, masks = zip(*(self.source.sample(i) for i in ids))
         text = torch.from_numpy(np.stack(texts))
@@ -95,22 +145,8 @@ class MicrobatchIterator:
             "position_ids": self._positions.clone(),
             "sample_ids": torch.tensor(ids, dtype=torch.int64),
         }
-        self.consumed_samples += self.micro_batch_size * self.dp_size
-        self._yielded += 1
+        self._advance()
         return batch
-
-    def state_dict(self) -> dict:
-        """What a checkpoint needs to resume this iterator: the global consumed-sample count."""
-        return {"consumed_samples": self.consumed_samples, "kind": self.kind, "split": self.split, "stream": "tokens"}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from a :meth:`state_dict` (same recipe data section)."""
-        if state.get("stream", "tokens") != "tokens":
-            raise InputError("the checkpoint was trained on raw-text batches of a cross-tokenizer aligner, this run "
-                             "reads token ids; resume with the aligner and tokenizers it was written with")
-        if state.get("kind", self.kind) != self.kind:
-            raise InputError(f"checkpoint data state is for data.kind={state.get('kind')!r}, this run has {self.kind!r}")
-        self.consumed_samples = int(state["consumed_samples"])
 
 
 # ---------------------------------------------------------------------------

@@ -48,7 +48,7 @@ import torch
 
 from ..errors import InputError
 from .alignment_collate import AlignmentCollator
-from .iterators import _rank0_first, resolve_tokenizer
+from .iterators import ConsumedSamplesIterator, _rank0_first, resolve_tokenizer
 from .sources import SPLIT_CODES, expand_inputs, iter_texts, split_ranges
 
 __all__ = ["text_documents", "PackedTextSource", "AlignedMicrobatchIterator", "AlignedEvalData",
@@ -150,7 +150,7 @@ def default_chars_budget(collator: AlignmentCollator) -> int:
     return collator.max_chars_per_token * (collator.student.seq_length + 2)
 
 
-class AlignedMicrobatchIterator:
+class AlignedMicrobatchIterator(ConsumedSamplesIterator):
     """One DP rank's microbatches of aligned text; resumable by consumed samples like ``MicrobatchIterator``.
 
     Args:
@@ -167,39 +167,21 @@ class AlignedMicrobatchIterator:
             value and resumption stays exact.
     """
 
+    stream = "text"
+
     def __init__(self, source: PackedTextSource, collator: AlignmentCollator, *, micro_batch_size: int,
                  dp_rank: int, dp_size: int, consumed_samples: int = 0, max_microbatches: Optional[int] = None,
                  kind: str = "", split: str = "train", prefetch: bool = True):
-        if micro_batch_size <= 0:
-            raise ValueError(f"micro_batch_size={micro_batch_size} must be > 0")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_size={dp_size})")
+        super().__init__(micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                         consumed_samples=consumed_samples, max_microbatches=max_microbatches, kind=kind, split=split,
+                         seq_length=collator.student.seq_length)
         self.source, self.collator = source, collator
-        self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
-        self.consumed_samples = self._checked(consumed_samples)
-        self.max_microbatches = max_microbatches
-        self.kind, self.split = kind, split
-        self._yielded = 0
         self.prefetch = prefetch
         self._pending: Optional[tuple[int, Any]] = None  # (first sample index, Future)
         self._executor = None
-        s = collator.student.seq_length
-        self._positions = torch.arange(s, dtype=torch.int64).unsqueeze(0).expand(micro_batch_size, s).contiguous()
-
-    def _checked(self, consumed: int) -> int:
-        step = self.micro_batch_size * self.dp_size
-        if consumed < 0 or consumed % step:
-            raise ValueError(f"consumed_samples={consumed} must be a non-negative multiple of "
-                             f"micro_batch_size*dp_size={step}")
-        return int(consumed)
-
-    def __iter__(self) -> "AlignedMicrobatchIterator":
-        return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        if self.max_microbatches is not None and self._yielded >= self.max_microbatches:
-            raise StopIteration
-        first = self.consumed_samples + self.dp_rank * self.micro_batch_size
+        first = self._next_first()
         batch = None
         if self._pending is not None:
             key, future = self._pending
@@ -208,8 +190,7 @@ class AlignedMicrobatchIterator:
             batch = ready if key == first else None
         if batch is None:
             batch = self._build(first)
-        self.consumed_samples += self.micro_batch_size * self.dp_size
-        self._yielded += 1
+        self._advance()
         if self.prefetch and (self.max_microbatches is None or self._yielded < self.max_microbatches):
             if self._executor is None:
                 from concurrent.futures import ThreadPoolExecutor
@@ -227,20 +208,6 @@ class AlignedMicrobatchIterator:
         batch.update(tokens=batch["student_tokens"], labels=labels, loss_mask=(labels != -100).float(),
                      position_ids=self._positions.clone(), sample_ids=torch.tensor(ids, dtype=torch.int64))
         return batch
-
-    def state_dict(self) -> dict:
-        """What a checkpoint needs to resume this iterator: the global consumed-sample count."""
-        return {"consumed_samples": self.consumed_samples, "kind": self.kind, "split": self.split, "stream": "text"}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from a :meth:`state_dict` (same recipe data section)."""
-        if state.get("stream", "tokens") != "text":
-            raise InputError("the checkpoint was trained on token-id batches, this run reads raw text for a "
-                             "cross-tokenizer aligner; resume with the aligner and tokenizers it was written with")
-        if state.get("kind", self.kind) != self.kind:
-            raise InputError(f"checkpoint data state is for data.kind={state.get('kind')!r}, this run has "
-                             f"{self.kind!r}; resume with the data section the checkpoint was written with")
-        self.consumed_samples = self._checked(int(state["consumed_samples"]))
 
 
 class AlignedEvalData:
