@@ -14,7 +14,7 @@ Every formula is written out in docs/planner.md; the ones used here are:
   ``4 P`` (megatron DDP keeps fp32 main grads); Adam state ``(8 + m) P`` with
   m = 4 fp32 master bytes unless the model is already fp32, divided by DP with the
   distributed optimizer;
-* teacher (and reference) weights ``P_t * w``: frozen, no gradients, no optimizer;
+* teacher (and reference) weights ``P_t * w``: frozen, no gradients, no optimizer (none with ``loss.kd_weight: 0``);
 * activations per student layer (Korthikanti et al. 2022, 16-bit activations):
   ``s b h (10 + 24/t + 5 a s / (h t))`` bytes without sequence parallelism,
   ``s b h (34 + 5 a s / h) / t`` with it; the ``5 a s / h`` attention-score term is
@@ -343,9 +343,11 @@ def estimate_memory(recipe: Recipe, student: ModelShape, teacher: ModelShape, la
                    f"{_count(p_s)} params x {8 + master} B (Adam: "
                    + ("fp32 master + " if master else "") + "2 fp32 moments)"
                    + (f" / DP={dp} (distributed optimizer)" if layout.distributed_optimizer else "")),
-        MemoryLine("teacher weights", tuple(p * w for p in p_t), f"{_count(p_t)} params x {w} B, frozen"),
     ]
-    if reference is not None:
+    has_teacher = recipe.loss.kd_weight > 0  # kd_weight 0: the engine builds no teacher (CE only)
+    if has_teacher:
+        lines.append(MemoryLine("teacher weights", tuple(p * w for p in p_t), f"{_count(p_t)} params x {w} B, frozen"))
+    if reference is not None and has_teacher:
         vr = padded_vocab_size(reference.vocab_size, d, tp)
         p_r = per_stage(lambda st: stage_params(reference, vr, tp, pp, st))
         lines.append(MemoryLine("reference weights", tuple(p * w for p in p_r), f"{_count(p_r)} params x {w} B, frozen"))
@@ -362,8 +364,8 @@ def estimate_memory(recipe: Recipe, student: ModelShape, teacher: ModelShape, la
 
     tokens = s * b
     student_buffers = 1 + LOSS_WORKSPACE_BUFFERS
-    teacher_buffers = 1
-    if recipe.aligner.name == "dskd":
+    teacher_buffers = 1 if has_teacher else 0
+    if recipe.aligner.name == "dskd" and has_teacher:
         student_buffers += 1
         teacher_buffers += 1
     logits = tokens * 4 * (student_buffers * (vs // tp) + teacher_buffers * (vt // tp))

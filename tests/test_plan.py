@@ -103,6 +103,15 @@ def test_memory_qwen_csd_tp1_pp1_dp16():
             f"{QWEN_CSD}") in text
 
 
+def test_ce_only_recipe_has_no_teacher_memory():
+    """With loss.kd_weight 0 the engine builds no teacher: no teacher weights, only student-sized logits."""
+    report = plan_recipe(QWEN_CSD, nodes=2, gpus_per_node=8, overrides=["loss.kd_weight=0", "loss.ce_weight=1"])
+    lines = {line.name: line.bytes[0] for line in report.memory.lines}
+    assert "teacher weights" not in lines
+    assert lines["loss logits"] == 4096 * 4 * 3 * 151680  # the student's logits and the loss workspace only
+    assert lines["student weights"] == 3_086_642_176
+
+
 def test_memory_llama_tp2_pp2_sequence_parallel():
     """Configuration B: the Llama-3.1-8B -> 3.2-1B AdaKD recipe at TP=2 PP=2 with sequence parallelism.
 

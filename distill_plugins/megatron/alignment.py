@@ -120,8 +120,9 @@ class AlignerRuntime:
             obj_name, obj_params = aligner.objective_name_and_params()
             setup_kw["objective"] = host.build("objective", obj_name, obj_params)
         aligner.setup(**setup_kw)
+        pairing = getattr(aligner, "pairing", "eta")
         log.info("aligner %s: %s, %d student / %d teacher tokens", name,
-                 "two tokenizers, text batches with exact token alignment" if text else "one tokenizer",
+                 f"two tokenizers, text batches paired by {pairing}" if text else "one tokenizer",
                  student_vocab_size, teacher_vocab_size)
         return cls(aligner, name, student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size,
                    text_batches=text)
@@ -261,11 +262,15 @@ def _check_loss_parts(recipe: Any, name: str) -> None:
 
 
 def _tokenizers(recipe: Any) -> tuple[Any, Any]:
-    from ..data.iterators import resolve_tokenizer
+    """Both tokenizers (rank 0 first: ``embedded:N`` specs may build and cache one)."""
+    from ..data.iterators import _rank0_first, resolve_tokenizer
 
-    student = resolve_tokenizer(recipe, "student")
-    teacher = resolve_tokenizer(recipe, "teacher") if recipe.data.teacher_tokenizer else student
-    return student, teacher
+    def load():
+        student = resolve_tokenizer(recipe, "student")
+        teacher = resolve_tokenizer(recipe, "teacher") if recipe.data.teacher_tokenizer else student
+        return student, teacher
+
+    return _rank0_first(load)
 
 
 def _backend(tok: Any) -> Any:
