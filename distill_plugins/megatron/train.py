@@ -371,11 +371,13 @@ class Trainer:
         every = self.recipe.training.log_interval
         if result.skipped or result.step % every == 0 or result.step == self.total_steps:
             eta = m["eta_s"]
+            kd = f"  kd {m['kd_loss']:.4f}" if self.parts.kd_weight > 0 else ""  # CE-only runs have no KD
+            kept = f"  kept {m['kept_fraction']:.2f}" if self.parts.kd_weight > 0 else ""
             coverage = f"  aligned {m['aligned_fraction']:.2f}" if "aligned_fraction" in m else ""
-            log.info("step %d/%d  loss %.4f  kd %.4f  ce %.4f  lr %.2e  gnorm %.3f  tok/s %.0f  kept %.2f%s  "
-                     "ETA %dm%02ds%s", result.step, self.total_steps, m["loss"], m["kd_loss"], m["ce_loss"], m["lr"],
-                     m["grad_norm"], m["tokens_per_second"], m["kept_fraction"], coverage, int(eta // 60),
-                     int(eta % 60), "  SKIPPED (non-finite)" if result.skipped else "")
+            log.info("step %d/%d  loss %.4f%s  ce %.4f  lr %.2e  gnorm %.3f  tok/s %.0f%s%s  ETA %dm%02ds%s",
+                     result.step, self.total_steps, m["loss"], kd, m["ce_loss"], m["lr"], m["grad_norm"],
+                     m["tokens_per_second"], kept, coverage, int(eta // 60), int(eta % 60),
+                     "  SKIPPED (non-finite)" if result.skipped else "")
 
     # ------------------------------------------------------------------ state
     def counters(self) -> dict[str, int]:
