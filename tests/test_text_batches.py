@@ -303,3 +303,19 @@ def test_embedded_corpus_and_embedded_tokenizers(files, tmp_path, monkeypatch):
     assert batch["tokens"].shape == (2, SEQ) and int(batch["num_aligned"]) > 0
     assert isinstance(iter(held_out).collator, AlignmentCollator)
     assert iter(held_out).state_dict()["kind"] == "embedded"
+
+
+def test_hugging_face_tokenizer_directory_gives_the_same_batches(files, tmp_path):
+    """data.teacher_tokenizer may be a HF tokenizer directory (save_pretrained of a fast tokenizer)."""
+    transformers = pytest.importorskip("transformers")  # the `test` extra installs it
+    from tokenizers import Tokenizer as RustTokenizer
+
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=RustTokenizer.from_file(str(files / "teacher.json")),
+                                              eos_token="<|endoftext|>")
+    hf.save_pretrained(str(tmp_path / "teacher_hf"))
+    from_json = _take(build_aligned_data(_recipe(files), dp_rank=0, dp_size=1), 2)
+    from_dir = _take(build_aligned_data(_recipe(files, teacher_tokenizer=str(tmp_path / "teacher_hf")),
+                                        dp_rank=0, dp_size=1), 2)
+    for a, b in zip(from_json, from_dir):
+        _assert_same(a, b)
+    assert load_tokenizer(tmp_path / "teacher_hf").eos_id == hf.eos_token_id

@@ -188,7 +188,10 @@ def load_tokenizer(spec: PathLike) -> Tokenizer:
             raise InputError(f"{path} has no tokenizer.json; loading it needs transformers "
                              "(pip install 'distill-plugins[hf]')") from exc
         hf = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        return Tokenizer(None, name=str(path), hf=hf)
+        # a fast tokenizer converted from vocab files still has a Rust backend (character offsets)
+        backend = hf.backend_tokenizer if getattr(hf, "is_fast", False) else None
+        return Tokenizer(backend, name=str(path), hf=hf,
+                         eos_id=hf.eos_token_id if getattr(hf, "eos_token_id", None) is not None else None)
     raise InputError(f"tokenizer {text!r} not found: give a tokenizers JSON file, a Hugging Face tokenizer "
                      "directory, or embedded:N (e.g. embedded:4096)")
 
