@@ -131,10 +131,10 @@ class DistillStage(_megatron_module()):  # type: ignore[misc]
 
     # -- aligner support ----------------------------------------------------------
     def capture_hidden_states(self) -> None:
-        """Make the last stage return ``(s_logits, t_logits, s_hidden, t_hidden)``.
+        """Make the last stage fill ``StageOutput.student_hidden`` / ``teacher_hidden``.
 
-        ``*_hidden`` are ``[s, b, h]`` inputs of each model's output layer
-        (after the final norm); the student's keeps its graph.
+        Both are ``[s, b, h]`` inputs of each model's output layer (after the
+        final norm); the student's keeps its graph.
         """
         if not self.last_stage or self._hidden is not None:
             return

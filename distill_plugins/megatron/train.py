@@ -30,7 +30,9 @@ One step (:meth:`Trainer.train_step`):
    every rank steps or every rank skips. A skipped step leaves parameters,
    optimizer state and LR schedule untouched, is counted (``nonfinite_skips``)
    and after ``training.max_consecutive_nonfinite`` skips in a row the run stops
-   with :class:`NonFiniteLossError`;
+   with :class:`NonFiniteLossError`. Under fp16, overflowing gradients are left to
+   megatron's dynamic loss scaler (it skips that update and halves the scale;
+   counted as ``loss_scale_skips``);
 4. otherwise advance the LR schedule and ``optimizer.step()`` (clipping);
 5. call every stateful part's ``on_optimizer_step(StepStats)`` with the
    DP-reduced KD loss, the plugin hook ``distill_on_step_end`` (last stage's
