@@ -245,20 +245,31 @@ def _tokenizer(recipe, which: str):
     return tok
 
 
-def _tokenizers(recipe):
+def load_tokenizer_pair(recipe) -> tuple:
+    """``(student, teacher)`` tokenizers of ``recipe.data`` (one object when the specs agree).
+
+    Collective for ``embedded`` data or ``embedded:N`` specs, which are trained
+    and cached on first use: rank 0 first, the others read its files.
+
+    Raises:
+        InputError: a tokenizer is missing or cannot be loaded (naming the key).
+    """
     data = recipe.data
-    student = _tokenizer(recipe, "student")
-    same = data.teacher_tokenizer in (None, data.tokenizer)
-    return student, student if same else _tokenizer(recipe, "teacher")
+
+    def load():
+        student = _tokenizer(recipe, "student")
+        same = data.teacher_tokenizer in (None, data.tokenizer)
+        return student, student if same else _tokenizer(recipe, "teacher")
+
+    specs = [data.tokenizer, data.teacher_tokenizer]
+    cached = data.kind == "embedded" or any(str(s).startswith("embedded:") for s in specs if s)
+    return _rank0_first(load) if cached else load()
 
 
 def _parts(recipe, split: str, pairing: str) -> tuple[PackedTextSource, AlignmentCollator]:
     data = recipe.data
     documents = text_documents(recipe, split)  # first: a wrong data.kind is the likelier mistake
-    specs = [data.tokenizer, data.teacher_tokenizer]
-    cached = data.kind == "embedded" or any(str(s).startswith("embedded:") for s in specs if s)
-    # embedded:N tokenizers are trained and cached on first use: rank 0 first, the others read its files
-    student, teacher = _rank0_first(lambda: _tokenizers(recipe)) if cached else _tokenizers(recipe)
+    student, teacher = load_tokenizer_pair(recipe)
     collator = AlignmentCollator(student, teacher, seq_length=data.seq_length, teacher_seq_length=data.seq_length,
                                  pairing=pairing)
     source = PackedTextSource(documents, seed=recipe.seed, split=split, chars_budget=default_chars_budget(collator))

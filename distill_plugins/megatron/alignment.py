@@ -262,15 +262,15 @@ def _check_loss_parts(recipe: Any, name: str) -> None:
 
 
 def _tokenizers(recipe: Any) -> tuple[Any, Any]:
-    """Both tokenizers (rank 0 first: ``embedded:N`` specs may build and cache one)."""
+    """Both tokenizers; with no ``data.teacher_tokenizer`` the student's (possibly None) serves both."""
+    if recipe.data.teacher_tokenizer:
+        from ..data.text_batches import load_tokenizer_pair
+
+        return load_tokenizer_pair(recipe)
     from ..data.iterators import _rank0_first, resolve_tokenizer
 
-    def load():
-        student = resolve_tokenizer(recipe, "student")
-        teacher = resolve_tokenizer(recipe, "teacher") if recipe.data.teacher_tokenizer else student
-        return student, teacher
-
-    return _rank0_first(load)
+    student = _rank0_first(lambda: resolve_tokenizer(recipe, "student"))
+    return student, student
 
 
 def _backend(tok: Any) -> Any:
