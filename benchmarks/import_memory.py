@@ -8,7 +8,7 @@ What it does:
    never holds it;
 2. imports it into megatron-core at TP=2 on two gloo processes (CPU layer);
    each process samples its own RSS every 2 ms from a thread while
-   :func:`~distill_plugins.megatron.hf_import.import_hf_model` runs;
+   :func:`~distill_plugins.models.hf_import.import_hf_model` runs;
 3. reports, per rank: RSS before the import (interpreter + torch + megatron),
    peak RSS during it, the increase, and the bytes of tensor slices read; the
    ratio ``peak increase / checkpoint size`` is the figure of merit (target
@@ -79,9 +79,9 @@ def make_model(path: str, hidden: int, layers: int, ffn: int, vocab: int, heads:
 def rank_body(rank, world_size, path, naive):
     import megatron.core.models.gpt  # noqa: F401  (before the CPU layer patches torch.cuda)
 
-    from distill_plugins.megatron import parallel_state as dps
-    from distill_plugins.megatron.cpu import enable_cpu_mode
-    from distill_plugins.megatron.hf_import import import_hf_model
+    from distill_plugins.engine import process_groups as dps
+    from distill_plugins.engine.cpu import enable_cpu_mode
+    from distill_plugins.models.hf_import import import_hf_model
     from distill_plugins.recipe.schema import ParallelSpec
 
     enable_cpu_mode()

@@ -139,7 +139,7 @@ def already_trained(args, run: Run, teacher) -> Optional[float]:
     final checkpoint (step ``--steps``) is complete; its time comes from
     ``trained.json`` or, failing that, the sum of the logged step times.
     """
-    from distill_plugins.megatron import checkpoint as ckpt
+    from distill_plugins.checkpoint import run_checkpoint as ckpt
 
     cmd_file = run.directory / "command.txt"
     if not cmd_file.is_file() or cmd_file.read_text().strip() != shlex.join(build_command(args, run, teacher)):
@@ -348,7 +348,7 @@ def main(argv=None) -> int:
 
     from distill_plugins.demo.evaluate import (build_eval_model, compare_models, evaluation_context,
                                                greedy_continuations, heldout_prompts, heldout_windows, rouge_l)
-    from distill_plugins.megatron.megatron_ckpt import load_megatron_checkpoint
+    from distill_plugins.models.megatron_ckpt import load_megatron_checkpoint
     from distill_plugins.recipe.schema import ModelSpec
 
     windows = heldout_windows(built.prefixes["test"], base.data.seq_length)

@@ -10,7 +10,7 @@ mapping need. Two records extend it:
 
 * :class:`distill_plugins.plan.ModelShape` adds the recipe role and where the
   shape came from (``distill plan``);
-* :class:`distill_plugins.megatron.hf_import.HFArchitecture` adds the HF family
+* :class:`distill_plugins.models.hf_import.HFArchitecture` adds the HF family
   and the settings the conversion needs (RoPE base, epsilon, dtype, ...).
 
 Pure Python, no torch: ``distill plan`` imports it on a laptop.
@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .recipe.schema import ModelSpec
+from distill_plugins.recipe.schema import ModelSpec
 
 __all__ = ["TransformerShape", "default_ffn_hidden_size", "ffn_hidden_size", "shape_keys"]
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from distill_plugins.errors import DistillError
-from distill_plugins.megatron import checkpoint as ckpt
-from distill_plugins.megatron.checkpoint import (
+from distill_plugins.checkpoint import run_checkpoint as ckpt
+from distill_plugins.checkpoint.run_checkpoint import (
     capture_rng_state,
     find_latest_checkpoint,
     list_checkpoints,
@@ -25,7 +25,7 @@ from distill_plugins.megatron.checkpoint import (
     save_checkpoint,
     validate_checkpoint,
 )
-from distill_plugins.megatron.signals import StopSignals, install_stop_handlers, restore_stop_handlers, should_stop
+from distill_plugins.engine.signals import StopSignals, install_stop_handlers, restore_stop_handlers, should_stop
 
 
 def tiny_training(steps: int, model=None, opt=None):
@@ -84,7 +84,7 @@ def test_crash_before_commit_keeps_previous(tmp_path):
     save_tiny(tmp_path, 1, model, opt)
     script = textwrap.dedent(f"""
         import os, torch
-        from distill_plugins.megatron import checkpoint as ckpt
+        from distill_plugins.checkpoint import run_checkpoint as ckpt
         def crash(*a, **k):
             os._exit(9)
         ckpt._write_metadata = crash

@@ -24,8 +24,8 @@ def _train(model, opt, steps):
 
 def rank_body(rank, world_size, ckpt_dir, data_prefix, tok_path, out_dir):
     from distill_plugins.errors import DistillError
-    from distill_plugins.megatron.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
-    from distill_plugins.megatron.signals import StopSignals
+    from distill_plugins.checkpoint.run_checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+    from distill_plugins.engine.signals import StopSignals
 
     result = {}
     # -- checkpoint: each rank holds a different shard (different init) ------------------
@@ -79,8 +79,8 @@ def rank_body(rank, world_size, ckpt_dir, data_prefix, tok_path, out_dir):
     result["consumed"] = it.consumed_samples
 
     # -- weights also through megatron dist_checkpointing (needs the CPU layer on CPU) --------
-    from distill_plugins.megatron.checkpoint import load_dist_model_state
-    from distill_plugins.megatron.cpu import enable_cpu_mode
+    from distill_plugins.checkpoint.run_checkpoint import load_dist_model_state
+    from distill_plugins.engine.cpu import enable_cpu_mode
 
     enable_cpu_mode()
     from megatron.core.dist_checkpointing import ShardedTensor

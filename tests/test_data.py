@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill_plugins.data import cli as data_cli
+from distill_plugins.cli import data as data_cli
 from distill_plugins.data.embedded import (
     build_embedded,
     build_embedded_corpus,

@@ -93,13 +93,13 @@ def _forward(model, ids):
 def convert_body(rank, world_size, root, ids):
     import megatron.core.models.gpt  # noqa: F401  (import megatron before the CPU layer patches torch.cuda)
 
-    from distill_plugins.megatron import parallel_state as dps
-    from distill_plugins.megatron.cpu import enable_cpu_mode
-    from distill_plugins.megatron.hf_export import export_hf, export_megatron_checkpoint
-    from distill_plugins.megatron.hf_import import import_hf_model, read_hf_config
-    from distill_plugins.megatron.megatron_ckpt import (load_megatron_checkpoint, read_checkpoint_spec,
+    from distill_plugins.engine import process_groups as dps
+    from distill_plugins.engine.cpu import enable_cpu_mode
+    from distill_plugins.models.hf_export import export_hf, export_megatron_checkpoint
+    from distill_plugins.models.hf_import import import_hf_model, read_hf_config
+    from distill_plugins.models.megatron_ckpt import (load_megatron_checkpoint, read_checkpoint_spec,
                                                         save_megatron_checkpoint)
-    from distill_plugins.megatron.models import build_gpt_model
+    from distill_plugins.models.build import build_gpt_model
     from distill_plugins.recipe.schema import ParallelSpec
 
     enable_cpu_mode()

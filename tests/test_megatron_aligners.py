@@ -84,8 +84,8 @@ def _engine(recipe):
     from megatron.core import parallel_state as ps
 
     from distill_plugins.manager import build_plugin_host
-    from distill_plugins.megatron import parallel_state as dps
-    from distill_plugins.megatron.engine import Engine
+    from distill_plugins.engine import process_groups as dps
+    from distill_plugins.engine.run import Engine
     from distill_plugins.recipe.schema import recipe_data
     from distill_plugins.recipe.validate import validate_recipe_data
 
@@ -110,7 +110,7 @@ def _steps(engine, n):
 
 
 def worker(rank: int, world: int, root: str, s_tok: str, t_tok: str) -> dict:
-    from distill_plugins.megatron.cpu import enable_cpu_mode
+    from distill_plugins.engine.cpu import enable_cpu_mode
 
     enable_cpu_mode()
     torch.set_num_threads(1)

@@ -50,9 +50,9 @@ def _sharpen_teacher(model):
 
 def _engine(tp: int, pp: int, *, steps: int, out: str, **kw):
     from distill_plugins.manager import build_plugin_host
-    from distill_plugins.megatron import parallel_state as dps
-    from distill_plugins.megatron.engine import Engine
-    from distill_plugins.megatron.synthetic import SyntheticBatches
+    from distill_plugins.engine import process_groups as dps
+    from distill_plugins.engine.run import Engine
+    from distill_plugins.data.synthetic import SyntheticBatches
 
     from megatron.core import parallel_state as ps
 
@@ -75,11 +75,11 @@ def _parity_run(tp: int, pp: int, out: str) -> dict:
 
 
 def four_rank_body(rank: int, world: int, out: str) -> dict:
-    from distill_plugins.megatron.cpu import enable_cpu_mode
+    from distill_plugins.engine.cpu import enable_cpu_mode
 
     enable_cpu_mode()
-    from distill_plugins.megatron.teacher import assert_frozen, parameter_digest
-    from distill_plugins.megatron.train import NonFiniteLossError
+    from distill_plugins.models.sources import assert_frozen, parameter_digest
+    from distill_plugins.engine.trainer import NonFiniteLossError
 
     res: dict = {}
     # -- 1. TP=2 x PP=2: 30 steps, loss falls, teacher untouched -------------------
@@ -123,7 +123,7 @@ def four_rank_body(rank: int, world: int, out: str) -> dict:
 
 
 def one_rank_body(rank: int, world: int, out: str) -> dict:
-    from distill_plugins.megatron.cpu import enable_cpu_mode
+    from distill_plugins.engine.cpu import enable_cpu_mode
 
     enable_cpu_mode()
     return _parity_run(1, 1, out)

@@ -1,4 +1,4 @@
-"""Loss glue (distill_plugins.megatron.loss) on 2 gloo ranks with the vocabulary split over TP.
+"""Loss glue (distill_plugins.engine.loss) on 2 gloo ranks with the vocabulary split over TP.
 
 One 2-process job runs every check and returns plain numbers; a dense
 single-process reference is computed in the test process.
@@ -54,7 +54,7 @@ def _dense_fkl(s, t, tau=1.0, vocab=V):
 
 def _case(name, s, t, labels, tp_group, rank, world, vocab=V, **kw):
     from distill_plugins.manager import build_plugin_host
-    from distill_plugins.megatron.loss import LossParts, distill_loss
+    from distill_plugins.engine.loss import LossParts, distill_loss
 
     host = build_plugin_host()
     parts = LossParts(objective=host.build("objective", "forward_kl", {}), **kw)
@@ -69,10 +69,10 @@ def _case(name, s, t, labels, tp_group, rank, world, vocab=V, **kw):
 
 
 def body(rank: int, world: int) -> dict:
-    from distill_plugins.megatron.cpu import enable_cpu_mode
+    from distill_plugins.engine.cpu import enable_cpu_mode
 
     enable_cpu_mode()
-    from distill_plugins.megatron import parallel_state as dps
+    from distill_plugins.engine import process_groups as dps
     from distill_plugins.recipe.schema import ParallelSpec
 
     ctx = dps.initialize(ParallelSpec(tensor=world), cpu=True)

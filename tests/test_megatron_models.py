@@ -1,4 +1,4 @@
-"""Model building helpers and the CPU layer (distill_plugins.megatron.models / .cpu)."""
+"""Model building helpers and the CPU layer (distill_plugins.models.build / .cpu)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distill_plugins.errors import RecipeError
-from distill_plugins.megatron.models import padded_vocab_size, pipeline_layer_split
+from distill_plugins.models.build import padded_vocab_size, pipeline_layer_split
 from distill_plugins.testing.distributed import run_distributed
 
 
@@ -26,7 +26,7 @@ def test_pipeline_layer_split():
 
 
 def test_cpu_mode_patches_and_restores():
-    from distill_plugins.megatron.cpu import cpu_mode, is_cpu_mode
+    from distill_plugins.engine.cpu import cpu_mode, is_cpu_mode
 
     original = torch.cuda.current_device
     with cpu_mode():
@@ -48,12 +48,12 @@ def test_cpu_mode_patches_and_restores():
 
 
 def body(rank: int, world: int) -> dict:
-    from distill_plugins.megatron.cpu import enable_cpu_mode
+    from distill_plugins.engine.cpu import enable_cpu_mode
 
     enable_cpu_mode()
     from distill_plugins.errors import RecipeError as RE
-    from distill_plugins.megatron import models
-    from distill_plugins.megatron import parallel_state as dps
+    from distill_plugins.models import build as models
+    from distill_plugins.engine import process_groups as dps
     from distill_plugins.recipe.schema import ModelSpec, ParallelSpec
 
     par = ParallelSpec(tensor=2, make_vocab_size_divisible_by=8)

@@ -48,9 +48,9 @@ def _engine(precision: str, out: str, **kw):
     from megatron.core import parallel_state as ps
 
     from distill_plugins.manager import build_plugin_host
-    from distill_plugins.megatron import parallel_state as dps
-    from distill_plugins.megatron.engine import Engine
-    from distill_plugins.megatron.synthetic import SyntheticBatches
+    from distill_plugins.engine import process_groups as dps
+    from distill_plugins.engine.run import Engine
+    from distill_plugins.data.synthetic import SyntheticBatches
 
     if ps.model_parallel_is_initialized():
         dps.destroy()
@@ -73,7 +73,7 @@ def _overflow_on_step_two(step, logits):
 
 
 def worker(rank: int, world: int, out: str) -> dict:
-    from distill_plugins.megatron.cpu import enable_cpu_mode
+    from distill_plugins.engine.cpu import enable_cpu_mode
 
     enable_cpu_mode()
     torch.set_num_threads(1)
@@ -88,8 +88,8 @@ def _losses(engine, n):
 
 
 def _distributed_optimizer(precision: str, out: str) -> dict:
-    from distill_plugins.megatron.optimizer_state import is_distributed
-    from distill_plugins.megatron.teacher import parameter_digest
+    from distill_plugins.checkpoint.optimizer_state import is_distributed
+    from distill_plugins.models.sources import parameter_digest
 
     plain = _losses(_engine(precision, f"{out}/plain", tp=1), STEPS)
     straight = _engine(precision, f"{out}/straight", tp=1, distributed_optimizer=True)

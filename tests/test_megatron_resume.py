@@ -39,15 +39,15 @@ def _recipe(out: str, *, steps: int = 10, interval: int = 0):
 
 def _engine(out: str, **kw):
     from distill_plugins.manager import build_plugin_host
-    from distill_plugins.megatron.engine import Engine
-    from distill_plugins.megatron.synthetic import SyntheticBatches
+    from distill_plugins.engine.run import Engine
+    from distill_plugins.data.synthetic import SyntheticBatches
 
     data = SyntheticBatches(vocab_size=VOCAB, seq_length=SEQ, micro_batch_size=2, global_batch_size=4, seed=5)
     return Engine(_recipe(out, **kw), build_plugin_host(), cpu=True, data=data)
 
 
 def _snapshot(engine) -> dict:
-    from distill_plugins.megatron.teacher import parameter_digest
+    from distill_plugins.models.sources import parameter_digest
 
     tr = engine.trainer
     return {"step": tr.step, "digest": parameter_digest(tr.stage.student),
@@ -62,10 +62,10 @@ def _record(engine, steps):
 
 
 def body(rank: int, world: int, out: str) -> dict:
-    from distill_plugins.megatron.cpu import enable_cpu_mode
+    from distill_plugins.engine.cpu import enable_cpu_mode
 
     enable_cpu_mode()
-    from distill_plugins.megatron.checkpoint import find_latest_checkpoint
+    from distill_plugins.checkpoint.run_checkpoint import find_latest_checkpoint
 
     res = {}
     # 10 steps straight
@@ -73,7 +73,7 @@ def body(rank: int, world: int, out: str) -> dict:
     res["a_losses"] = _record(a, 10)
     res["a"] = _snapshot(a)
     # what `distill export` does: the run checkpoint, resharded to this group's layout, to a HF directory
-    from distill_plugins.megatron.hf_export import export_megatron_checkpoint
+    from distill_plugins.models.hf_export import export_megatron_checkpoint
 
     res["hf_dir"] = export_megatron_checkpoint(os.path.join(out, "a", "ckpt", "step_000010"),
                                                os.path.join(out, "a_hf"))
@@ -142,7 +142,7 @@ def test_run_checkpoint_exports_to_transformers(results):
     """A run checkpoint (saved at PP=2) exports to a directory that transformers loads."""
     from transformers import AutoModelForCausalLM
 
-    from distill_plugins.megatron.model_info import count_parameters
+    from distill_plugins.models.model_info import count_parameters
     from distill_plugins.recipe.schema import ModelSpec
 
     model = AutoModelForCausalLM.from_pretrained(results[0]["hf_dir"])

@@ -1,6 +1,6 @@
 """The embedded default demo and the quality benchmark's building blocks.
 
-``distill demo`` (:mod:`distill_plugins.demo_cli`) distils a small megatron-core
+``distill demo`` (:mod:`distill_plugins.cli.demo`) distils a small megatron-core
 teacher, pretrained on the embedded stdlib-docstring corpus, into a smaller
 student on a laptop-class CPU, and compares a CE-only, a forward-KL and a CSD
 student on held-out text. ``benchmarks/quality.py`` reuses the same pieces for

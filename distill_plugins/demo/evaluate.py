@@ -8,13 +8,13 @@ group and the CPU layer), so numbers from a TP=2 run and a TP=1 run are
 computed by the same code on the same tokens. Weights come from a run's final
 checkpoint (:func:`load_run_weights`): its ``model_dist/`` (megatron
 ``dist_checkpointing``, which the engine writes with every checkpoint) is
-loaded with :func:`distill_plugins.megatron.megatron_ckpt.load_megatron_checkpoint`,
+loaded with :func:`distill_plugins.models.megatron_ckpt.load_megatron_checkpoint`,
 which reshards to TP=1. Without ``model_dist/`` the per-rank
-``rank_NNNNN.pt`` files of :mod:`distill_plugins.megatron.checkpoint` are
+``rank_NNNNN.pt`` files of :mod:`distill_plugins.checkpoint.run_checkpoint` are
 merged over TP (column- and row-parallel weights concatenated along megatron's
 ``partition_dim``; the gate and up halves of a SwiGLU ``fc1`` merged
 separately; padded vocabulary rows dropped) and sharded back with
-:func:`distill_plugins.megatron.models.load_full_state_dict` (PP=1 only).
+:func:`distill_plugins.models.build.load_full_state_dict` (PP=1 only).
 
 Held-out tokens (:func:`heldout_windows`): the test split of an indexed
 dataset, all documents concatenated (each already ends with the EOS id), cut
@@ -66,9 +66,9 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..errors import DistillError, InputError
-from ..logging import get_logger
-from ..recipe.schema import ModelSpec, ParallelSpec
+from distill_plugins.errors import DistillError, InputError
+from distill_plugins.logging import get_logger
+from distill_plugins.recipe.schema import ModelSpec, ParallelSpec
 
 log = get_logger(__name__)
 
@@ -110,8 +110,8 @@ def evaluation_context(seed: int = 1234) -> Iterator[None]:
     """
     from megatron.core import parallel_state as ps
 
-    from ..megatron import parallel_state as dps
-    from ..megatron.cpu import cpu_mode
+    from distill_plugins.engine import process_groups as dps
+    from distill_plugins.engine.cpu import cpu_mode
 
     with cpu_mode(), warnings.catch_warnings():
         for pattern in _QUIET_WARNINGS:  # megatron's notices about optional CUDA packages and deprecations
@@ -130,7 +130,7 @@ def evaluation_context(seed: int = 1234) -> Iterator[None]:
 
 def build_eval_model(spec: ModelSpec, *, vocab_size: int, who: str = "model") -> torch.nn.Module:
     """A TP=1 GPTModel for ``spec`` in eval mode without gradients (inside :func:`evaluation_context`)."""
-    from ..megatron import models
+    from distill_plugins.models import build as models
 
     model = models.build_gpt_model(spec, EVAL_PARALLEL, vocab_size=vocab_size, cpu=True, who=who)
     model.eval()
@@ -154,7 +154,7 @@ def find_final_checkpoint(path: PathLike) -> Path:
     Raises:
         InputError: nothing valid found.
     """
-    from ..megatron import checkpoint as ckpt
+    from distill_plugins.checkpoint import run_checkpoint as ckpt
 
     path = Path(path).expanduser()
     if (path / ckpt.METADATA).is_file():
@@ -180,8 +180,8 @@ def _strip_wrappers(state: dict) -> dict:
 
 
 def _merge_tp_shards(model: torch.nn.Module, shards: Sequence[dict]) -> dict[str, torch.Tensor]:
-    """Full-convention weights (see :mod:`distill_plugins.megatron.models`) from per-TP-rank state dicts."""
-    from ..megatron import models
+    """Full-convention weights (see :mod:`distill_plugins.models.build`) from per-TP-rank state dicts."""
+    from distill_plugins.models import build as models
 
     layout = models.model_layout(model)
     tied = bool(getattr(model, "share_embeddings_and_output_weights", False))
@@ -224,12 +224,12 @@ def load_run_weights(model: torch.nn.Module, path: PathLike) -> Path:
     Raises:
         InputError: no checkpoint; DistillError: a layout it cannot merge or a shape mismatch.
     """
-    from ..megatron import checkpoint as ckpt
-    from ..megatron import models
+    from distill_plugins.checkpoint import run_checkpoint as ckpt
+    from distill_plugins.models import build as models
 
     found = find_final_checkpoint(path)
     if (found / "model_dist").is_dir():
-        from ..megatron.megatron_ckpt import load_megatron_checkpoint
+        from distill_plugins.models.megatron_ckpt import load_megatron_checkpoint
 
         load_megatron_checkpoint(model, str(found))
         return found
@@ -258,7 +258,7 @@ def load_run_weights(model: torch.nn.Module, path: PathLike) -> Path:
 
 def heldout_windows(prefix: PathLike, seq_length: int, *, max_windows: Optional[int] = None) -> torch.Tensor:
     """Non-overlapping ``[N, seq_length + 1]`` windows over an indexed dataset's documents (module docstring)."""
-    from ..data.indexed import read_documents
+    from distill_plugins.data.indexed import read_documents
 
     docs = read_documents(prefix)
     stream = np.concatenate(docs).astype(np.int64) if docs else np.zeros(0, dtype=np.int64)
@@ -278,7 +278,7 @@ def heldout_prompts(prefix: PathLike, *, prompt_tokens: int, continuation_tokens
     Takes the first ``max_prompts`` documents (file order, deterministic) with at
     least ``prompt_tokens + continuation_tokens`` tokens before their EOS.
     """
-    from ..data.indexed import read_documents
+    from distill_plugins.data.indexed import read_documents
 
     prompts, refs = [], []
     for doc in read_documents(prefix):

@@ -50,8 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TextIO, Union
 
-from ..errors import DistillError
-from ..logging import get_logger
+from distill_plugins.errors import DistillError
+from distill_plugins.logging import get_logger
 
 log = get_logger(__name__)
 
@@ -83,7 +83,7 @@ def default_recipes_dir() -> Path:
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """What :func:`run_demo` does; every field has a command-line flag in :mod:`distill_plugins.demo_cli`.
+    """What :func:`run_demo` does; every field has a command-line flag in :mod:`distill_plugins.cli.demo`.
 
     Attributes:
         output_dir: where runs, the table and the PNG go.
@@ -183,7 +183,7 @@ class _Stages:
 
 
 def _resolved(path: Path, overrides: Sequence[str]) -> dict:
-    from ..recipe.load import load_recipe_data
+    from distill_plugins.recipe.load import load_recipe_data
 
     return load_recipe_data(path, list(overrides))
 
@@ -200,7 +200,7 @@ def _steps_overrides(path: Path, overrides: Sequence[str], steps: Optional[int])
 
 
 def _recipe(path: Path, overrides: Sequence[str]):
-    from ..recipe.load import load_recipe
+    from distill_plugins.recipe.load import load_recipe
 
     recipe, _host = load_recipe(path, list(overrides))
     return recipe
@@ -285,7 +285,7 @@ def teacher_cache_key(resolved: dict, tokenizer_fingerprint: str, corpus_key: st
 
 
 def _model_spec_dict(spec) -> dict:
-    from ..config import to_plain
+    from distill_plugins.config import to_plain
 
     return to_plain(spec)
 
@@ -293,12 +293,12 @@ def _model_spec_dict(spec) -> dict:
 def export_teacher(run_dir: Path, megatron_dir: Path, spec, *, vocab_size: int, windows=None) -> Optional[float]:
     """Save a teacher run's final weights as a megatron distributed checkpoint (with ``distill_model.json``).
 
-    The checkpoint (:func:`distill_plugins.megatron.megatron_ckpt.save_megatron_checkpoint`)
+    The checkpoint (:func:`distill_plugins.models.megatron_ckpt.save_megatron_checkpoint`)
     loads under any TP/PP through ``teacher.megatron``. Returns the teacher's
     held-out CE on ``windows`` (None without windows).
     """
-    from ..megatron.megatron_ckpt import save_megatron_checkpoint
-    from .evaluate import EVAL_PARALLEL, build_eval_model, evaluation_context, load_run_weights, model_ce
+    from distill_plugins.models.megatron_ckpt import save_megatron_checkpoint
+    from distill_plugins.demo.evaluate import EVAL_PARALLEL, build_eval_model, evaluation_context, load_run_weights, model_ce
 
     with evaluation_context():
         model = build_eval_model(spec, vocab_size=vocab_size, who="teacher")
@@ -316,8 +316,8 @@ def export_teacher(run_dir: Path, megatron_dir: Path, spec, *, vocab_size: int, 
 def ensure_teacher(settings: DemoSettings, *, tokenizer_fingerprint: str, corpus_key: str, vocab_size: int,
                    test_prefix: str) -> TeacherInfo:
     """The cached teacher for ``settings``, training and exporting it first when missing."""
-    from ..data.cache import cache_dir, file_lock, write_json_atomic
-    from .evaluate import heldout_windows
+    from distill_plugins.data.cache import cache_dir, file_lock, write_json_atomic
+    from distill_plugins.demo.evaluate import heldout_windows
 
     recipe_path = settings.recipes_dir / "teacher.yaml"
     overrides = list(settings.overrides) + list(settings.teacher_overrides) + [f"seed={settings.seed}"]
@@ -411,9 +411,9 @@ def train_student(settings: DemoSettings, name: str, teacher: TeacherInfo) -> di
 def evaluate_students(teacher: TeacherInfo, students: list[dict], *, test_prefix: str, seq_length: int,
                       max_windows: Optional[int]) -> list[dict]:
     """Held-out rows: the teacher's own, then one per student (table order)."""
-    from ..megatron.megatron_ckpt import load_megatron_checkpoint
-    from ..recipe.schema import ModelSpec
-    from .evaluate import build_eval_model, compare_models, evaluation_context, heldout_windows, load_run_weights
+    from distill_plugins.models.megatron_ckpt import load_megatron_checkpoint
+    from distill_plugins.recipe.schema import ModelSpec
+    from distill_plugins.demo.evaluate import build_eval_model, compare_models, evaluation_context, heldout_windows, load_run_weights
 
     windows = heldout_windows(test_prefix, seq_length, max_windows=max_windows)
     rows = []
@@ -462,9 +462,9 @@ def verdict(rows: list[dict]) -> list[str]:
 
 def run_demo(settings: DemoSettings) -> DemoResult:
     """Run the whole demo (module docstring); returns the table and where everything was written."""
-    from ..data.embedded import build_embedded
-    from ..data.tokenizer import load_tokenizer
-    from . import report
+    from distill_plugins.data.embedded import build_embedded
+    from distill_plugins.data.tokenizer import load_tokenizer
+    from distill_plugins.demo import report
 
     t_start = time.perf_counter()
     if not (settings.recipes_dir / "teacher.yaml").is_file():

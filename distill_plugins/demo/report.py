@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
-from .evaluate import read_metrics
+from distill_plugins.demo.evaluate import read_metrics
 
 PathLike = Union[str, Path]
 

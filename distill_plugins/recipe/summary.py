@@ -1,6 +1,6 @@
 """Human-readable summary of a validated recipe, printed by ``distill check``.
 
-Model lines come from :func:`distill_plugins.megatron.model_info.describe_model`,
+Model lines come from :func:`distill_plugins.models.model_info.describe_model`,
 which reads only config files (``hf:`` config.json, ``megatron:`` metadata) and
 reports family, shape, parameter count and the padded vocabulary.
 """
@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
-from ..errors import DistillError
-from .schema import Recipe
+from distill_plugins.errors import DistillError
+from distill_plugins.recipe.schema import Recipe
 
 
 def _model_line(role: str, spec, recipe: Recipe) -> str:
-    from ..megatron.model_info import describe_model
+    from distill_plugins.models.model_info import describe_model
 
     try:
         return describe_model(spec, recipe.parallel, role=role).summary()

@@ -30,14 +30,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run_export(args: argparse.Namespace) -> int:
     import torch
 
-    from ..logging import get_logger
-    from ..recipe.schema import ParallelSpec
-    from . import parallel_state
-    from .hf_export import export_megatron_checkpoint
+    from distill_plugins.logging import get_logger
+    from distill_plugins.recipe.schema import ParallelSpec
+    from distill_plugins.engine import process_groups as parallel_state
+    from distill_plugins.models.hf_export import export_megatron_checkpoint
 
     cpu = args.cpu or not torch.cuda.is_available()
     if cpu:
-        from .cpu import enable_cpu_mode
+        from distill_plugins.engine.cpu import enable_cpu_mode
 
         enable_cpu_mode()
     parallel_state.initialize(ParallelSpec(tensor=args.tensor, pipeline=args.pipeline), cpu=cpu)

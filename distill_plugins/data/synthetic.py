@@ -31,8 +31,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..data.iterators import MicrobatchIterator
-from .loss import IGNORE_INDEX
+from distill_plugins.data.iterators import MicrobatchIterator
+from distill_plugins.engine.loss import IGNORE_INDEX
 
 __all__ = ["synthetic_sample", "RecurrenceSource", "SyntheticBatches"]
 

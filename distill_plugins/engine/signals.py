@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..logging import get_logger
+from distill_plugins.logging import get_logger
 
 log = get_logger(__name__)
 

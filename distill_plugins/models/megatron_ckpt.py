@@ -49,9 +49,9 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from ..errors import DistillError
-from ..logging import get_logger
-from ..recipe.schema import ModelSpec
+from distill_plugins.errors import DistillError
+from distill_plugins.logging import get_logger
+from distill_plugins.recipe.schema import ModelSpec
 
 __all__ = ["META_FILE", "CheckpointMeta", "save_megatron_checkpoint", "load_megatron_checkpoint",
            "read_checkpoint_meta", "read_checkpoint_spec", "resolve_checkpoint_dir"]
@@ -94,7 +94,7 @@ class CheckpointMeta:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> "CheckpointMeta":
-        from ..config import parse_dataclass
+        from distill_plugins.config import parse_dataclass
 
         spec, errors = parse_dataclass(ModelSpec, data.get("spec", {}), f"{where}: spec")
         if errors:
@@ -141,7 +141,7 @@ def read_checkpoint_meta(path: str) -> CheckpointMeta:
             with open(cand, encoding="utf-8") as fh:
                 return CheckpointMeta.from_json(json.load(fh), cand)
     raise DistillError(f"megatron checkpoint {path!r} has no {META_FILE}: it was not written by "
-                       "distill_plugins.megatron.megatron_ckpt.save_megatron_checkpoint; add the file by hand "
+                       "distill_plugins.models.megatron_ckpt.save_megatron_checkpoint; add the file by hand "
                        "(see docs/models.md) so its shape is known")
 
 
@@ -188,7 +188,7 @@ def write_checkpoint_meta(model: torch.nn.Module, path: str, *, make_vocab_size_
     Called by :func:`save_megatron_checkpoint` and by the engine after each run
     checkpoint, so ``distill export`` and ``teacher: {megatron: ...}`` know the shape.
     """
-    from .models import model_layout
+    from distill_plugins.models.build import model_layout
 
     inner = _unwrap(model)
     layout = model_layout(inner)
@@ -212,7 +212,7 @@ def save_megatron_checkpoint(model: torch.nn.Module, path: str, *, make_vocab_si
     """Save ``model`` with ``dist_checkpointing`` plus ``distill_model.json``; call on every rank.
 
     Args:
-        model: a model from :func:`distill_plugins.megatron.models.build_gpt_model`.
+        model: a model from :func:`distill_plugins.models.build.build_gpt_model`.
         path: target directory (created; must be empty or absent).
         make_vocab_size_divisible_by: the divisor the model was padded with (recorded).
         precision: recorded precision; default from the parameters' dtype.
@@ -220,7 +220,7 @@ def save_megatron_checkpoint(model: torch.nn.Module, path: str, *, make_vocab_si
     """
     from megatron.core import dist_checkpointing
 
-    from .models import model_layout
+    from distill_plugins.models.build import model_layout
 
     inner = _unwrap(model)
     layout = model_layout(inner)
@@ -251,7 +251,7 @@ def load_megatron_checkpoint(model: torch.nn.Module, path: str, *, strict: bool 
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from .models import model_layout
+    from distill_plugins.models.build import model_layout
 
     ckpt_dir = resolve_checkpoint_dir(path)
     inner = _unwrap(model)
@@ -297,7 +297,7 @@ def load_megatron_checkpoint(model: torch.nn.Module, path: str, *, strict: bool 
         state[name] = out
         del full
     inner.load_state_dict(state, strict=strict)
-    from .hf_import import ensure_tp_attributes
+    from distill_plugins.models.hf_import import ensure_tp_attributes
 
     ensure_tp_attributes(inner)
     log.info("loaded megatron checkpoint %s (TP=%d, PP=%d)", ckpt_dir, layout.tp_size, layout.pp_size)

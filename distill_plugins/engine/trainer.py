@@ -5,7 +5,7 @@ Design
 :class:`Trainer` owns one rank's share of a distillation run:
 
 * ``model``: megatron's ``DistributedDataParallel`` around a
-  :class:`~distill_plugins.megatron.pipeline.DistillStage` (student trainable,
+  :class:`~distill_plugins.engine.stage.DistillStage` (student trainable,
   teacher frozen and outside DDP);
 * ``optimizer``: ``get_megatron_optimizer`` with an Adam ``OptimizerConfig``
   (decoupled weight decay, gradient clipping, the distributed optimizer when
@@ -13,13 +13,13 @@ Design
 * ``scheduler``: megatron's ``OptimizerParamScheduler`` counting optimizer steps
   (linear warm-up to ``training.lr``, then cosine/linear/constant decay to
   ``training.min_lr`` at ``training.steps``);
-* ``parts``: the :class:`~distill_plugins.megatron.loss.LossParts`.
+* ``parts``: the :class:`~distill_plugins.engine.loss.LossParts`.
 
 One step (:meth:`Trainer.train_step`):
 
 1. zero the grad buffers; run the step's ``num_microbatches = global_batch /
    (micro_batch * DP)`` microbatches through megatron's schedule
-   (:func:`~distill_plugins.megatron.pipeline.forward_backward`); the loss glue
+   (:func:`~distill_plugins.engine.stage.forward_backward`); the loss glue
    returns (sum, count, report) per microbatch and megatron divides the
    gradients by the step's global token count;
 2. reduce the reports: sum over microbatches, all-reduce over DP on the last
@@ -57,15 +57,15 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from ..errors import DistillError, RecipeError
-from ..interfaces import StepStats
-from ..logging import get_logger
-from ..parallel import ParallelContext
-from ..recipe.schema import Recipe
-from . import models
-from .loss import REPORT_KEYS, LossParts, distill_loss
-from .pipeline import DistillStage, StageOutput, check_schedule, forward_backward
-from .teacher import build_teacher
+from distill_plugins.errors import DistillError, RecipeError
+from distill_plugins.interfaces import StepStats
+from distill_plugins.logging import get_logger
+from distill_plugins.parallel import ParallelContext
+from distill_plugins.recipe.schema import Recipe
+from distill_plugins.models import build as models
+from distill_plugins.engine.loss import REPORT_KEYS, LossParts, distill_loss
+from distill_plugins.engine.stage import DistillStage, StageOutput, check_schedule, forward_backward
+from distill_plugins.models.sources import build_teacher
 
 __all__ = ["Trainer", "StepResult", "NonFiniteLossError", "num_microbatches", "reduce_reports"]
 
@@ -163,7 +163,7 @@ class Trainer:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        from .teacher import load_model_weights
+        from distill_plugins.models.sources import load_model_weights
 
         check_schedule(recipe.parallel.virtual_pipeline)
         t, par = recipe.training, recipe.parallel

@@ -2,8 +2,8 @@
 
 Design
 ------
-The inverse of :mod:`distill_plugins.megatron.hf_import`, driven by the same
-:func:`~distill_plugins.megatron.hf_import.tensor_pieces` mapping:
+The inverse of :mod:`distill_plugins.models.hf_import`, driven by the same
+:func:`~distill_plugins.models.hf_import.tensor_pieces` mapping:
 
 1. **Gather over TP** (:func:`gather_full_tensor`): each parameter's shards are
    all-gathered over the tensor-parallel group and joined along megatron's
@@ -38,9 +38,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..errors import DistillError
-from ..logging import get_logger
-from .hf_import import HFArchitecture, hf_tensor_shapes, partition_dim, tensor_pieces
+from distill_plugins.errors import DistillError
+from distill_plugins.logging import get_logger
+from distill_plugins.models.hf_import import HFArchitecture, hf_tensor_shapes, partition_dim, tensor_pieces
 
 __all__ = ["TOKENIZER_FILES", "gather_full_tensor", "megatron_to_hf", "export_hf", "export_megatron_checkpoint"]
 
@@ -163,7 +163,7 @@ def export_hf(model: torch.nn.Module, out_dir: str, *, arch: Optional[HFArchitec
     """Write ``model`` (every rank's shard) as a Hugging Face directory; call on every rank.
 
     Args:
-        model: a model from :func:`distill_plugins.megatron.models.build_gpt_model`
+        model: a model from :func:`distill_plugins.models.build.build_gpt_model`
             (DDP/Float16 wrappers are unwrapped).
         out_dir: target directory (created; existing weight files are replaced).
         arch: target architecture; default :meth:`HFArchitecture.from_model_spec`
@@ -177,7 +177,7 @@ def export_hf(model: torch.nn.Module, out_dir: str, *, arch: Optional[HFArchitec
     """
     from safetensors.torch import save_file
 
-    from .models import full_param_name, model_layout
+    from distill_plugins.models.build import full_param_name, model_layout
 
     inner = model
     while not hasattr(inner, "distill_layout") and hasattr(inner, "module"):
@@ -263,7 +263,7 @@ def _write_metadata(out_dir: str, arch: HFArchitecture, pp: int, dtype: str, tok
 
 def export_megatron_checkpoint(checkpoint: str, out_dir: str, *, family: Optional[str] = None,
                                tokenizer_dir: Optional[str] = None, dtype: Optional[str] = None) -> str:
-    """Export a megatron checkpoint saved by :func:`~distill_plugins.megatron.megatron_ckpt.save_megatron_checkpoint`.
+    """Export a megatron checkpoint saved by :func:`~distill_plugins.models.megatron_ckpt.save_megatron_checkpoint`.
 
     Runs in the current process group with the parallel sizes megatron's
     ``parallel_state`` was initialised with (any TP/PP: the checkpoint is
@@ -272,9 +272,9 @@ def export_megatron_checkpoint(checkpoint: str, out_dir: str, *, family: Optiona
     """
     from megatron.core import parallel_state as ps
 
-    from ..recipe.schema import ParallelSpec
-    from .megatron_ckpt import load_megatron_checkpoint, read_checkpoint_meta
-    from .models import build_gpt_model
+    from distill_plugins.recipe.schema import ParallelSpec
+    from distill_plugins.models.megatron_ckpt import load_megatron_checkpoint, read_checkpoint_meta
+    from distill_plugins.models.build import build_gpt_model
 
     meta = read_checkpoint_meta(checkpoint)
     spec = meta.spec

@@ -58,7 +58,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import torch
 
-from ..errors import RecipeError
+from distill_plugins.errors import RecipeError
 
 __all__ = ["DistillStage", "StageOutput", "pipeline_tensor_shapes", "forward_backward", "check_schedule",
            "position_ids_for"]

@@ -25,9 +25,9 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from .config import field_docs, type_name
-from .errors import DistillError
-from .logging import configure_logging
+from distill_plugins.config import field_docs, type_name
+from distill_plugins.errors import DistillError
+from distill_plugins.logging import configure_logging
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -38,8 +38,8 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _cmd_plugins_list(args: argparse.Namespace) -> int:
-    from .manager import build_plugin_host
-    from .recipe.record import plugin_table
+    from distill_plugins.manager import build_plugin_host
+    from distill_plugins.recipe.record import plugin_table
 
     host = build_plugin_host(args.plugin)
     rows = plugin_table(host)
@@ -51,7 +51,7 @@ def _cmd_plugins_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_plugins_show(args: argparse.Namespace) -> int:
-    from .manager import build_plugin_host
+    from distill_plugins.manager import build_plugin_host
 
     host = build_plugin_host(args.plugin)
     kinds = [args.kind] if args.kind else sorted(host.registries)
@@ -100,8 +100,8 @@ def _print_table(rows: list[dict], columns: list[str]) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from .recipe.load import load_recipe
-    from .recipe.summary import describe_recipe
+    from distill_plugins.recipe.load import load_recipe
+    from distill_plugins.recipe.summary import describe_recipe
 
     recipe, host = load_recipe(args.recipe, args.overrides)
     for line in describe_recipe(recipe, host):
@@ -111,13 +111,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .recipe.load import load_recipe
+    from distill_plugins.recipe.load import load_recipe
 
     overrides = list(args.overrides)
     if args.cpu:
         overrides.append("device=cpu")
     recipe, host = load_recipe(args.recipe, overrides)
-    from .megatron.engine import run
+    from distill_plugins.engine.run import run
 
     return run(recipe, host, cpu=recipe.device == "cpu")
 
@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     import importlib
 
-    for module_name in ("distill_plugins.data.cli", "distill_plugins.plan_cli", "distill_plugins.demo_cli",
-                        "distill_plugins.megatron.export_cli"):
+    for module_name in ("distill_plugins.cli.data", "distill_plugins.cli.plan", "distill_plugins.cli.demo",
+                        "distill_plugins.cli.export"):
         importlib.import_module(module_name).add_parser(sub)
     return parser
 

@@ -14,9 +14,9 @@ Two modes:
   datasets in the cache (``--cache-dir``, ``$DISTILL_CACHE`` or
   ``~/.cache/distill_plugins``), and print where they are.
 
-Wiring (done in ``distill_plugins/cli.py``)::
+Wiring (done in ``distill_plugins/cli/main.py``)::
 
-    from distill_plugins.data import cli as data_cli
+    from distill_plugins.cli import data as data_cli
     data_cli.add_parser(subparsers)   # adds `data prepare`; args.func(args) -> exit code
 """
 
@@ -26,7 +26,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import InputError
+from distill_plugins.errors import InputError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -60,10 +60,10 @@ def _out(line: str = "") -> None:
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Handler of ``distill data prepare``; returns the exit code. Raises InputError on bad arguments."""
-    from .embedded import DEFAULT_VOCAB_SIZE, build_embedded
-    from .indexed import write_indexed_dataset
-    from .sources import expand_inputs, iter_texts
-    from .tokenizer import load_tokenizer, train_bpe_tokenizer
+    from distill_plugins.data.embedded import DEFAULT_VOCAB_SIZE, build_embedded
+    from distill_plugins.data.indexed import write_indexed_dataset
+    from distill_plugins.data.sources import expand_inputs, iter_texts
+    from distill_plugins.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
     progress = not args.no_progress
     if args.embedded:

@@ -24,7 +24,7 @@ QUICK_EVAL_WINDOWS = 16
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``demo`` subcommand to ``distill``'s subparsers."""
-    from .demo.pipeline import STUDENTS
+    from distill_plugins.demo.pipeline import STUDENTS
 
     p = subparsers.add_parser(
         "demo", help="distil a cached teacher into CE-only, forward-KL and CSD students on CPU and compare them",
@@ -53,8 +53,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_demo_command(args: argparse.Namespace) -> int:
     """Handler of ``distill demo``: run the pipeline, print the table and where the PNG is."""
-    from .demo.pipeline import DemoSettings, default_recipes_dir, run_demo
-    from .errors import DistillError
+    from distill_plugins.demo.pipeline import DemoSettings, default_recipes_dir, run_demo
+    from distill_plugins.errors import DistillError
 
     students = tuple(s.strip() for s in args.students.split(",") if s.strip())
     steps, teacher_steps, windows = args.steps, args.teacher_steps, None
@@ -74,7 +74,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     out = sys.stdout
     out.write("\nHeld-out results (test split of the embedded corpus; lower CE and KL are better):\n\n")
     out.write(result.table + "\n\n")
-    from .demo.pipeline import verdict
+    from distill_plugins.demo.pipeline import verdict
 
     for line in verdict(result.rows):
         out.write(f"  {line}\n")

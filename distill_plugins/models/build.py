@@ -44,12 +44,12 @@ the *real* vocabulary (``[V, h]``, unpadded). That means:
   (:func:`canonical_name`), so one full dict loads into either spec.
 
 Prerequisites: megatron's ``parallel_state`` must be initialised (see
-:mod:`distill_plugins.megatron.parallel_state`), and on a CPU-only machine the
-CPU layer must be on (:func:`distill_plugins.megatron.cpu.enable_cpu_mode`).
+:mod:`distill_plugins.engine.process_groups`), and on a CPU-only machine the
+CPU layer must be on (:func:`distill_plugins.engine.cpu.enable_cpu_mode`).
 
 Usage::
 
-    from distill_plugins.megatron import models
+    from distill_plugins.models import build as models
     model = models.build_gpt_model(spec, parallel, vocab_size=32000, cpu=True)
     models.load_full_state_dict(model, full_tensors)          # dict or callable
     models.init_deterministic(model, seed=1234)               # layout-independent random init
@@ -65,9 +65,9 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ..errors import DistillError, RecipeError
-from ..recipe.schema import ModelSpec, ParallelSpec, padded_vocab_size
-from ..shapes import ffn_hidden_size
+from distill_plugins.errors import DistillError, RecipeError
+from distill_plugins.recipe.schema import ModelSpec, ParallelSpec, padded_vocab_size
+from distill_plugins.shapes import ffn_hidden_size
 
 __all__ = [
     "ModelLayout",
@@ -293,7 +293,7 @@ def build_gpt_model(
         raise RecipeError(f"{who}.vocab_size is unknown: set {who}.vocab_size or data.tokenizer")
     if not ps.model_parallel_is_initialized():
         raise DistillError("megatron parallel_state is not initialised; call "
-                           "distill_plugins.megatron.parallel_state.initialize(...) first")
+                           "distill_plugins.engine.process_groups.initialize(...) first")
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     if (tp, pp) != (parallel.tensor, parallel.pipeline):
         raise DistillError(f"parallel_state has TP={tp}, PP={pp} but the recipe asks for "
@@ -341,7 +341,7 @@ def model_layout(model: torch.nn.Module) -> ModelLayout:
     m = model
     while not hasattr(m, "distill_layout"):
         if not hasattr(m, "module"):
-            raise DistillError(f"{type(model).__name__} was not built by distill_plugins.megatron.models")
+            raise DistillError(f"{type(model).__name__} was not built by distill_plugins.models.build")
         m = m.module
     return m.distill_layout
 

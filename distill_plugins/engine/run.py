@@ -22,7 +22,7 @@ this process:
    boundary, save, and return 0 so a SLURM requeue resumes);
    evaluation every ``training.eval_interval`` steps.
 
-Checkpoints (``distill_plugins.megatron.checkpoint``) hold the student only
+Checkpoints (``distill_plugins.checkpoint.run_checkpoint``) hold the student only
 (never the teacher), the optimizer, the scheduler, RNG states, the data
 position, every stateful part's ``state_dict()``, the aligner's trainable
 modules (DSKD projectors) and the engine's counters;
@@ -32,7 +32,7 @@ them under another TP/PP layout.
 
 Usage (what the CLI does in each process)::
 
-    from distill_plugins.megatron.engine import run
+    from distill_plugins.engine.run import run
     status = run(recipe, host, cpu=args.cpu)
 """
 
@@ -41,9 +41,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from ..errors import DistillError, RecipeError
-from ..logging import configure_logging, get_logger
-from ..recipe.schema import Recipe
+from distill_plugins.errors import DistillError, RecipeError
+from distill_plugins.logging import configure_logging, get_logger
+from distill_plugins.recipe.schema import Recipe
 
 __all__ = ["run", "resolve_vocab_sizes", "resolve_specs", "Engine"]
 
@@ -56,7 +56,7 @@ REQUEUE_MARKER_ENV = "DISTILL_REQUEUE_MARKER"
 def resolve_specs(recipe: Recipe) -> Recipe:
     """``recipe`` with student/teacher shape keys read from their ``hf:``/``megatron:`` checkpoints."""
     try:
-        from .hf_import import resolve_model_spec
+        from distill_plugins.models.hf_import import resolve_model_spec
     except ImportError:  # pragma: no cover - HF import module absent
         return recipe
     return dataclasses.replace(recipe, student=resolve_model_spec(recipe.student),
@@ -65,7 +65,7 @@ def resolve_specs(recipe: Recipe) -> Recipe:
 
 def _tokenizer_vocab(recipe: Recipe, which: str) -> Optional[int]:
     try:
-        from ..data.iterators import resolve_tokenizer
+        from distill_plugins.data.iterators import resolve_tokenizer
     except ImportError:  # pragma: no cover - data package absent
         return None
     tok = resolve_tokenizer(recipe, which)
@@ -91,7 +91,7 @@ def resolve_vocab_sizes(recipe: Recipe) -> tuple[int, int]:
     if t is None:
         t = _tokenizer_vocab(recipe, "teacher") if two_tokenizers else s
     if s is None and recipe.data.kind == "embedded":
-        from ..data.embedded import DEFAULT_VOCAB_SIZE
+        from distill_plugins.data.embedded import DEFAULT_VOCAB_SIZE
 
         s = DEFAULT_VOCAB_SIZE
         t = t if t is not None else s
@@ -107,11 +107,11 @@ class Engine:
 
     def __init__(self, recipe: Recipe, host: Any, *, cpu: bool, parts=None, data=None,
                  student_init=None, teacher_init=None):
-        from . import parallel_state as dps
-        from .loss import build_loss_parts
-        from .train import Trainer
+        from distill_plugins.engine import process_groups as dps
+        from distill_plugins.engine.loss import build_loss_parts
+        from distill_plugins.engine.trainer import Trainer
 
-        from .alignment import AlignerRuntime
+        from distill_plugins.engine.alignment import AlignerRuntime
 
         self.recipe = recipe = resolve_specs(recipe)
         self.cpu = cpu
@@ -121,7 +121,7 @@ class Engine:
         self.aligner = AlignerRuntime.build(recipe, host if host is not None else _default_host(),
                                             student_vocab_size=self.vocab_size,
                                             teacher_vocab_size=self.teacher_vocab_size)
-        from .checkpoint import checkpoint_directory, resolve_resume
+        from distill_plugins.checkpoint.run_checkpoint import checkpoint_directory, resolve_resume
 
         self.ckpt_dir = checkpoint_directory(recipe)
         self.resume_path = resolve_resume(recipe.checkpoint.resume, self.ckpt_dir)
@@ -139,19 +139,19 @@ class Engine:
         """This DP rank's batches: token ids, or raw text with both tokenizations for two tokenizers."""
         kw = dict(dp_rank=self.ctx.dp_rank, dp_size=self.ctx.dp_size, split=split)
         if self.aligner.text_batches:
-            from ..data.text_batches import build_aligned_data, build_aligned_eval_data
+            from distill_plugins.data.text_batches import build_aligned_data, build_aligned_eval_data
 
             build = build_aligned_eval_data if eval else build_aligned_data
             return build(self.recipe, pairing=self.aligner.pairing, **kw)
-        from ..data.iterators import build_data, build_eval_data
+        from distill_plugins.data.iterators import build_data, build_eval_data
 
         return (build_eval_data if eval else build_data)(self.recipe, **kw)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Any:
         """Save a checkpoint of the current step (collective)."""
-        from .checkpoint import save_checkpoint
-        from .optimizer_state import optimizer_state_dict
+        from distill_plugins.checkpoint.run_checkpoint import save_checkpoint
+        from distill_plugins.checkpoint.optimizer_state import optimizer_state_dict
 
         tr = self.trainer
         path = save_checkpoint(
@@ -163,7 +163,7 @@ class Engine:
         import torch.distributed as dist
 
         if not dist.is_initialized() or dist.get_rank() == 0:
-            from .megatron_ckpt import write_checkpoint_meta
+            from distill_plugins.models.megatron_ckpt import write_checkpoint_meta
 
             # the shape record that `distill export` and `teacher: {megatron: ...}` read
             write_checkpoint_meta(tr.stage.student, str(path),
@@ -179,12 +179,12 @@ class Engine:
 
     def load(self, path) -> None:
         """Restore student, optimizer, scheduler, data position, parts and counters from ``path``."""
-        from .checkpoint import load_checkpoint
+        from distill_plugins.checkpoint.run_checkpoint import load_checkpoint
 
         tr = self.trainer
         ck = load_checkpoint(path, layout=self.layout)
         tr.stage.load_state_dict(ck.model_state)
-        from .optimizer_state import load_optimizer_state
+        from distill_plugins.checkpoint.optimizer_state import load_optimizer_state
 
         load_optimizer_state(tr.optimizer, ck.optimizer_state)
         tr.scheduler.load_state_dict(ck.scheduler_state)
@@ -202,7 +202,7 @@ class Engine:
     # ------------------------------------------------------------------ loop
     def train(self, steps: Optional[int] = None, *, stop=None) -> int:
         """Train to ``steps`` (default ``training.steps``), checkpointing as the recipe says; returns 0."""
-        from .signals import StopSignals
+        from distill_plugins.engine.signals import StopSignals
 
         rc = self.recipe.checkpoint
         tr = self.trainer
@@ -247,7 +247,7 @@ class Engine:
 
 
 def _default_host() -> Any:
-    from ..manager import build_plugin_host
+    from distill_plugins.manager import build_plugin_host
 
     return build_plugin_host()
 
@@ -265,19 +265,19 @@ def run(recipe: Recipe, host: Any, *, cpu: bool = False) -> int:
 
     Raises:
         DistillError: recipe/user errors (the CLI prints them), including
-            :class:`~distill_plugins.megatron.train.NonFiniteLossError`.
+            :class:`~distill_plugins.engine.trainer.NonFiniteLossError`.
     """
     configure_logging()
     cpu = bool(cpu or recipe.device == "cpu")
     if cpu:
-        from .cpu import enable_cpu_mode
+        from distill_plugins.engine.cpu import enable_cpu_mode
 
         enable_cpu_mode()
     engine = Engine(recipe, host, cpu=cpu)
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
-        from ..recipe.record import write_run_record
+        from distill_plugins.recipe.record import write_run_record
 
         write_run_record(engine.recipe, host, recipe.output_dir)
     return engine.train()

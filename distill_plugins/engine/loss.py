@@ -55,9 +55,9 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import DistillError
-from ..interfaces import Objective, Selection, TemperaturePolicy, TokenContext, TokenSelector
-from ..parallel import masked_logits_fp32
+from distill_plugins.errors import DistillError
+from distill_plugins.interfaces import Objective, Selection, TemperaturePolicy, TokenContext, TokenSelector
+from distill_plugins.parallel import masked_logits_fp32
 
 __all__ = ["LossParts", "distill_loss", "REPORT_KEYS", "build_loss_parts", "cross_entropy_sum", "any_nonfinite",
            "empty_report", "finish_report"]

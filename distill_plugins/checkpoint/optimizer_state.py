@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..errors import DistillError
+from distill_plugins.errors import DistillError
 
 __all__ = ["optimizer_state_dict", "load_optimizer_state", "is_distributed"]
 

@@ -10,7 +10,7 @@ Three layers, each usable on its own:
    :class:`~distill_plugins.recipe.schema.ModelSpec` (Qwen2 and Mistral are
    ``arch: llama``; Qwen2 adds ``add_qkv_bias``). Reads no weights.
 2. **Mapping** (:func:`tensor_pieces`): pure index arithmetic. Every parameter
-   of the *full* megatron model (names of :mod:`distill_plugins.megatron.models`'
+   of the *full* megatron model (names of :mod:`distill_plugins.models.build`'
    full-weight convention: local spec, global layer numbers, padded vocabulary)
    is described along its tensor-parallel partition dimension as a list of
    :class:`Piece` s, each a contiguous range of one HF tensor (or zero padding).
@@ -21,7 +21,7 @@ Three layers, each usable on its own:
        word_embeddings   = [embed_tokens (V rows); zeros (V_padded - V rows)]
        GPT-2 c_attn      = Conv1D [h, 3h]: q/k/v are column ranges, transposed
 
-   The same pieces drive export (:mod:`distill_plugins.megatron.hf_export`), so
+   The same pieces drive export (:mod:`distill_plugins.models.hf_export`), so
    import and export cannot disagree.
 3. **Reading** (:class:`HFCheckpoint`, :func:`load_hf_weights`): a TP rank owns
    one contiguous range of the full partition dimension (two for the gated
@@ -57,10 +57,10 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from ..errors import DistillError
-from ..logging import get_logger
-from ..recipe.schema import ModelSpec
-from ..shapes import TransformerShape, shape_keys
+from distill_plugins.errors import DistillError
+from distill_plugins.logging import get_logger
+from distill_plugins.recipe.schema import ModelSpec
+from distill_plugins.shapes import TransformerShape, shape_keys
 
 __all__ = [
     "SUPPORTED_FAMILIES",
@@ -317,13 +317,13 @@ def resolve_model_spec(spec: ModelSpec) -> ModelSpec:
     """``spec`` with its shape keys filled from its checkpoint's config files.
 
     ``hf:`` reads ``config.json``; ``megatron:`` reads the ``distill_model.json``
-    written by :func:`distill_plugins.megatron.megatron_ckpt.save_megatron_checkpoint`.
+    written by :func:`distill_plugins.models.megatron_ckpt.save_megatron_checkpoint`.
     Other specs are returned unchanged. Reads no weights.
     """
     if spec.hf:
         return read_hf_config(spec.hf).to_model_spec(spec)
     if spec.megatron:
-        from .megatron_ckpt import read_checkpoint_spec
+        from distill_plugins.models.megatron_ckpt import read_checkpoint_spec
 
         saved = read_checkpoint_spec(spec.megatron)
         return dataclasses.replace(saved, hf=None, checkpoint=None, megatron=spec.megatron)
@@ -512,11 +512,11 @@ def ensure_tp_attributes(model: torch.nn.Module) -> None:
 
     megatron sets them in its weight initialiser, which ``perform_initialization=False``
     (used when weights are loaded anyway) skips; gradient clipping, the optimizer and
-    :func:`distill_plugins.megatron.models.full_state_dict_shapes` read them.
+    :func:`distill_plugins.models.build.full_state_dict_shapes` read them.
     """
     from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
-    from .models import canonical_name
+    from distill_plugins.models.build import canonical_name
 
     gated = bool(getattr(getattr(model, "config", None), "gated_linear_unit", False))
     for name, param in model.named_parameters():
@@ -715,7 +715,7 @@ def load_hf_weights(model: torch.nn.Module, path: str, *, arch: Optional[HFArchi
     """Copy this rank's TP/PP slices of an HF checkpoint into ``model``.
 
     Args:
-        model: a model from :func:`distill_plugins.megatron.models.build_gpt_model`
+        model: a model from :func:`distill_plugins.models.build.build_gpt_model`
             whose spec matches the checkpoint (see :meth:`HFArchitecture.to_model_spec`).
         path: the HF directory.
         arch: its architecture (default: :func:`read_hf_config`).
@@ -728,7 +728,7 @@ def load_hf_weights(model: torch.nn.Module, path: str, *, arch: Optional[HFArchi
         DistillError: missing shard file or tensor, shape mismatch (both shapes
             named), or a model whose shape differs from the checkpoint's.
     """
-    from .models import canonical_name, full_param_name, model_layout
+    from distill_plugins.models.build import canonical_name, full_param_name, model_layout
 
     arch = arch or read_hf_config(path)
     ckpt = checkpoint or HFCheckpoint(path)
@@ -744,7 +744,7 @@ def load_hf_weights(model: torch.nn.Module, path: str, *, arch: Optional[HFArchi
             continue
         mine = getattr(spec, key)
         if key == "ffn_hidden_size":
-            from .models import ffn_hidden_size
+            from distill_plugins.models.build import ffn_hidden_size
 
             mine = ffn_hidden_size(spec)
         if key == "num_query_groups":
@@ -825,7 +825,7 @@ def import_hf_model(path: str, parallel, *, base: Optional[ModelSpec] = None, pr
         ``(model, report)``: the GPTModel (``model.distill_layout`` set) and the
         :class:`ImportReport`.
     """
-    from .models import build_gpt_model
+    from distill_plugins.models.build import build_gpt_model
 
     arch = read_hf_config(path)
     spec = arch.to_model_spec(base)

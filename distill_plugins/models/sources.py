@@ -3,20 +3,20 @@
 Design
 ------
 The teacher is a megatron-core GPTModel built like the student
-(:func:`distill_plugins.megatron.models.build_gpt_model`) on the same TP/PP
+(:func:`distill_plugins.models.build.build_gpt_model`) on the same TP/PP
 groups, split over the same pipeline stages (each stage holds its own share of
 the teacher's layers, which may differ from the student's), then frozen:
 
 * ``eval()`` mode and ``requires_grad=False`` on every parameter;
 * never wrapped in DDP, never handed to the optimizer (so no optimizer state);
-* never part of the student's state dict: :class:`~distill_plugins.megatron.pipeline.DistillStage`
+* never part of the student's state dict: :class:`~distill_plugins.engine.stage.DistillStage`
   keeps it outside its module tree, so checkpoints hold the student only.
 
 Weights come from, in order: ``teacher.hf`` (Hugging Face import,
-``distill_plugins.megatron.hf_import.load_hf_weights``), ``teacher.megatron`` (a
+``distill_plugins.models.hf_import.load_hf_weights``), ``teacher.megatron`` (a
 megatron-core distributed checkpoint) or ``teacher.checkpoint`` (a distill_plugins
 run checkpoint saved with ``model_dist/``), both through
-``distill_plugins.megatron.megatron_ckpt.load_megatron_checkpoint``, else a deterministic random initialisation from the recipe seed
+``distill_plugins.models.megatron_ckpt.load_megatron_checkpoint``, else a deterministic random initialisation from the recipe seed
 (useful only for tests and dry runs; a warning says so).
 
 Usage::
@@ -32,10 +32,10 @@ from typing import Optional
 
 import torch
 
-from ..errors import DistillError
-from ..logging import get_logger
-from ..recipe.schema import ModelSpec, ParallelSpec
-from . import models
+from distill_plugins.errors import DistillError
+from distill_plugins.logging import get_logger
+from distill_plugins.recipe.schema import ModelSpec, ParallelSpec
+from distill_plugins.models import build as models
 
 __all__ = ["build_teacher", "freeze", "assert_frozen", "load_model_weights", "parameter_digest"]
 
@@ -70,16 +70,16 @@ def load_model_weights(model: torch.nn.Module, spec: ModelSpec, *, seed: int, wh
     """Load ``spec``'s weights (hf / megatron / checkpoint / random) into ``model``; returns the source used."""
     if spec.hf:
         try:
-            from . import hf_import
+            from distill_plugins.models import hf_import
         except ImportError as exc:
             raise DistillError(f"{who}.hf={spec.hf!r}: Hugging Face import is not available ({exc})") from exc
         loader = getattr(hf_import, "load_hf_weights", None)
         if loader is None:
-            raise DistillError(f"{who}.hf={spec.hf!r}: distill_plugins.megatron.hf_import has no load_hf_weights()")
+            raise DistillError(f"{who}.hf={spec.hf!r}: distill_plugins.models.hf_import has no load_hf_weights()")
         loader(model, spec.hf)
         return f"hf:{spec.hf}"
     if spec.megatron or spec.checkpoint:
-        from .megatron_ckpt import load_megatron_checkpoint
+        from distill_plugins.models.megatron_ckpt import load_megatron_checkpoint
 
         path = spec.megatron or spec.checkpoint
         load_megatron_checkpoint(model, path)  # dist_checkpointing dir, or a run checkpoint with model_dist/

@@ -41,11 +41,11 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import RecipeError
-from ..interfaces import Selection, TokenContext
-from ..logging import get_logger
-from ..aligners.base import LOGIT_FREE_POLICIES, recipe_problems
-from .loss import IGNORE_INDEX, LossParts, any_nonfinite, empty_report, finish_report
+from distill_plugins.errors import RecipeError
+from distill_plugins.interfaces import Selection, TokenContext
+from distill_plugins.logging import get_logger
+from distill_plugins.aligners.base import LOGIT_FREE_POLICIES, recipe_problems
+from distill_plugins.engine.loss import IGNORE_INDEX, LossParts, any_nonfinite, empty_report, finish_report
 
 __all__ = ["AlignerRuntime", "PROJECTOR_ATTR"]
 
@@ -59,7 +59,7 @@ def _same_tokenizer(student_tok: Any, teacher_tok: Any) -> bool:
     """No second tokenizer, the same object, or every token string with the same id on both sides."""
     if teacher_tok is None or student_tok is None or teacher_tok is student_tok:
         return True
-    from ..aligners.vocab import same_vocabulary
+    from distill_plugins.aligners.vocab import same_vocabulary
 
     return bool(same_vocabulary(student_tok, teacher_tok))
 
@@ -91,7 +91,7 @@ class AlignerRuntime:
     @classmethod
     def build(cls, recipe: Any, host: Any, *, student_vocab_size: int, teacher_vocab_size: int) -> "AlignerRuntime":
         """Resolve ``auto``, build the aligner through ``host`` and give it tokenizers and objective."""
-        from ..recipe.validate import resolve_auto_aligner
+        from distill_plugins.recipe.validate import resolve_auto_aligner
 
         if recipe.loss.kd_weight == 0:  # no teacher is built: the student trains on its own tokens
             return cls(None, "none", student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size,
@@ -186,8 +186,8 @@ class AlignerRuntime:
 
         ``output`` is the last stage's :class:`~.pipeline.StageOutput`.
         """
-        from ..aligners.base import AlignerInputs
-        from ..data.alignment_collate import pair_rows
+        from distill_plugins.aligners.base import AlignerInputs
+        from distill_plugins.data.alignment_collate import pair_rows
 
         zs, zt = output.student_logits, output.teacher_logits
         s_all = zs.reshape(-1, zs.shape[-1])
@@ -264,10 +264,10 @@ def _check_loss_parts(recipe: Any, name: str) -> None:
 def _tokenizers(recipe: Any) -> tuple[Any, Any]:
     """Both tokenizers; with no ``data.teacher_tokenizer`` the student's (possibly None) serves both."""
     if recipe.data.teacher_tokenizer:
-        from ..data.text_batches import load_tokenizer_pair
+        from distill_plugins.data.text_batches import load_tokenizer_pair
 
         return load_tokenizer_pair(recipe)
-    from ..data.iterators import _rank0_first, resolve_tokenizer
+    from distill_plugins.data.iterators import _rank0_first, resolve_tokenizer
 
     student = _rank0_first(lambda: resolve_tokenizer(recipe, "student"))
     return student, student
@@ -277,6 +277,6 @@ def _backend(tok: Any) -> Any:
     """The ``tokenizers.Tokenizer`` inside a loaded :class:`~distill_plugins.data.tokenizer.Tokenizer` (or None)."""
     if tok is None:
         return None
-    from ..aligners.vocab import as_backend
+    from distill_plugins.aligners.vocab import as_backend
 
     return as_backend(tok)

@@ -65,8 +65,8 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from ..errors import DistillError
-from ..logging import get_logger
+from distill_plugins.errors import DistillError
+from distill_plugins.logging import get_logger
 
 log = get_logger(__name__)
 
@@ -284,7 +284,7 @@ def _save_dist(sharded_state: dict, tmp: Path, report: dict, group) -> dict:
     if dist is not None:
         dist.barrier(group)  # the directory must exist before any rank writes into it
     try:
-        from .megatron_ckpt import in_process_results_queue
+        from distill_plugins.models.megatron_ckpt import in_process_results_queue
 
         with in_process_results_queue():  # a synchronous save needs no writer-manager process
             dist_checkpointing.save(sharded_state, str(target), async_sharded_save=False)

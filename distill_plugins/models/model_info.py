@@ -24,8 +24,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from ..recipe.schema import ModelSpec, ParallelSpec, padded_vocab_size
-from ..shapes import ffn_hidden_size
+from distill_plugins.recipe.schema import ModelSpec, ParallelSpec, padded_vocab_size
+from distill_plugins.shapes import ffn_hidden_size
 
 __all__ = ["ModelInfo", "describe_model", "count_parameters", "vocab_mismatch_error"]
 
@@ -111,7 +111,7 @@ def describe_model(spec: ModelSpec, parallel: ParallelSpec, *, role: str = "mode
     Raises:
         DistillError: unreadable or unsupported config (message names the file).
     """
-    from .hf_import import read_hf_config, resolve_model_spec
+    from distill_plugins.models.hf_import import read_hf_config, resolve_model_spec
 
     family = spec.arch
     if spec.hf:
@@ -119,7 +119,7 @@ def describe_model(spec: ModelSpec, parallel: ParallelSpec, *, role: str = "mode
         family = read_hf_config(spec.hf).family
         resolved = resolve_model_spec(spec)
     elif spec.megatron:
-        from .megatron_ckpt import read_checkpoint_meta
+        from distill_plugins.models.megatron_ckpt import read_checkpoint_meta
 
         source = f"megatron:{spec.megatron}"
         meta = read_checkpoint_meta(spec.megatron)

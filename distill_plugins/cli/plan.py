@@ -57,7 +57,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_plan(args: argparse.Namespace) -> int:
     """Handler: print the report; 0 when valid and fitting, 2 otherwise."""
-    from .plan import plan_recipe
+    from distill_plugins.plan import plan_recipe
 
     report = plan_recipe(args.recipe, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                          gpu_memory_gb=args.gpu_memory_gb, overrides=args.overrides,

@@ -13,7 +13,7 @@ order (``tp-cp-ep-dp-pp``), seeds megatron's RNG tracker, and returns the
 
 Usage::
 
-    from distill_plugins.megatron import parallel_state as dps
+    from distill_plugins.engine import process_groups as dps
     ctx = dps.initialize(recipe.parallel, seed=recipe.seed, cpu=True)
     ...
     dps.destroy()
@@ -28,9 +28,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..errors import DistillError, RecipeError
-from ..parallel import ParallelContext
-from ..recipe.schema import ParallelSpec
+from distill_plugins.errors import DistillError, RecipeError
+from distill_plugins.parallel import ParallelContext
+from distill_plugins.recipe.schema import ParallelSpec
 
 __all__ = ["initialize", "destroy", "parallel_context", "data_parallel_size", "is_pipeline_last_stage",
            "is_pipeline_first_stage", "pipeline_rank"]
@@ -42,7 +42,7 @@ def _init_torch_distributed(cpu: bool, timeout_minutes: int) -> None:
     backend = "gloo" if cpu else "nccl"
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         # Single process without torchrun: a 1-rank group on a free loopback port.
-        from ..testing.distributed import free_port
+        from distill_plugins.testing.distributed import free_port
 
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))

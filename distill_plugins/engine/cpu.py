@@ -49,7 +49,7 @@ installed.
 
 Usage::
 
-    from distill_plugins.megatron.cpu import enable_cpu_mode, cpu_mode
+    from distill_plugins.engine.cpu import enable_cpu_mode, cpu_mode
 
     enable_cpu_mode()          # process-wide, idempotent
     ...

@@ -1,0 +1,6 @@
+"""Run checkpoints: per-rank state files, atomic saves, resume, and the optimizer's share of them.
+
+Modules:
+    run_checkpoint   save/load/resolve run checkpoints (student, optimizer, scheduler, RNG, data, parts)
+    optimizer_state  the optimizer's state with or without megatron's distributed optimizer
+"""
