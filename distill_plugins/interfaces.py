@@ -1,4 +1,4 @@
-"""Contracts for the four kinds of parts a plugin can register.
+"""Contracts for the kinds of parts a plugin can register.
 
 Design
 ------
@@ -111,7 +111,19 @@ class Objective(Part):
     ``student_logits``. Inputs may be bf16/fp16/fp32; the maths is fp32. The
     teacher logits are never given a gradient. Reduction over tokens is the
     caller's job: it sums and divides by the global token count.
+
+    Fused output layer (docs/objectives.md, "The fused output layer"): an
+    objective that sets :attr:`supports_fused_output_layer` is called on row
+    chunks of logits computed on the fly from the hidden states, through
+    :meth:`loss_and_grad`, and never sees the ``[N, V_local]`` logits at once.
     """
+
+    #: True when the objective keeps the row-chunk contract of the fused output
+    #: layer: calling it on the chunks of a partition of the rows (every TP rank
+    #: with the same chunks, in the same order) gives the same per-row losses and
+    #: gradients as one call on all rows. Checked by
+    #: :func:`distill_plugins.testing.contracts.check_objective_contract`.
+    supports_fused_output_layer: ClassVar[bool] = False
 
     def __call__(
         self,
@@ -123,6 +135,34 @@ class Objective(Part):
         vocab_size: Optional[int] = None,
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def loss_and_grad(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        *,
+        temperature: Temperature = 1.0,
+        tp_group: Any = None,
+        vocab_size: Optional[int] = None,
+        row_weights: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Per-row losses of a row chunk and, when ``row_weights`` is given, their weighted gradient.
+
+        Returns ``(loss [r] fp32, grad)`` with ``grad = d(sum_i row_weights_i * loss_i) / d
+        student_logits`` (``[r, V_local]``, 0 on padded columns), or ``None`` without
+        ``row_weights``. The default differentiates :meth:`__call__` with autograd; an
+        objective may override it to produce both in one pass.
+        """
+        if row_weights is None:
+            with torch.no_grad():
+                return self(student_logits, teacher_logits.detach(), temperature=temperature, tp_group=tp_group,
+                            vocab_size=vocab_size).float(), None
+        x = student_logits.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self(x, teacher_logits.detach(), temperature=temperature, tp_group=tp_group,
+                        vocab_size=vocab_size)
+            (grad,) = torch.autograd.grad(loss, x, grad_outputs=row_weights.to(loss.dtype))
+        return loss.detach().float(), grad
 
 
 @dataclass
@@ -138,6 +178,11 @@ class TokenContext:
         reference_logits: ``[N, V_local]`` from a reference model (AdaSPEC), or None.
         step: optimizer steps completed before this one.
         total_steps: optimizer steps planned for the run.
+        token_stats: on the fused output layer, per-token statistics by name (fp32
+            ``[N]`` each, TP-replicated; names in
+            :data:`distill_plugins.objectives.fused.TOKEN_STATS`) computed by its
+            statistics pass, and the logits fields are placeholders holding only
+            shape and device (reading their values raises). None on the materialised path.
     """
 
     student_logits: torch.Tensor
@@ -148,6 +193,7 @@ class TokenContext:
     reference_logits: Optional[torch.Tensor] = None
     step: int = 0
     total_steps: int = 1
+    token_stats: Optional[dict[str, torch.Tensor]] = None
 
 
 @dataclass
@@ -180,6 +226,16 @@ class TokenSelector(Part):
     def select(self, ctx: TokenContext) -> Selection:
         raise NotImplementedError
 
+    def fused_token_stats(self) -> Optional[tuple[str, ...]]:
+        """What :meth:`select` reads on the fused output layer, where no logits exist.
+
+        A tuple of names from :data:`distill_plugins.objectives.fused.TOKEN_STATS`
+        (``()`` when it reads only ``ctx.student_logits.shape`` / ``.device``) that it
+        takes from ``ctx.token_stats``; ``None`` (the default) when it reads the
+        logits, so the fused path cannot feed it and the engine keeps the logits.
+        """
+        return None
+
 
 class TemperaturePolicy(Part):
     """Gives the temperature each kept token's loss is computed at.
@@ -196,18 +252,154 @@ class TemperaturePolicy(Part):
     def temperatures(self, ctx: TokenContext, selection: Selection) -> Temperature:
         raise NotImplementedError
 
+    def fused_token_stats(self) -> Optional[tuple[str, ...]]:
+        """Like :meth:`TokenSelector.fused_token_stats`: the ``ctx.token_stats`` names
+        :meth:`temperatures` reads on the fused output layer, or ``None`` (the default)
+        when it reads the logits."""
+        return None
+
+
+@dataclass
+class AlignerInputs:
+    """One microbatch's tensors for a loss-computing aligner (rows already flattened).
+
+    Attributes:
+        student_logits: ``[N_s, Vs_local]`` student logits (requires grad).
+        teacher_logits: ``[N_t, Vt_local]`` teacher logits (no grad).
+        pairs: ``(student_rows [K], teacher_rows [K])`` int64 row indices of
+            aligned positions, or None when both sides share one tokenization
+            (then ``N_s == N_t`` and row i pairs with row i).
+        student_labels: ``[N_s]`` gold next-token ids, -100 where masked.
+            Pairs whose student label is -100 are dropped.
+        student_hidden: ``[N_s, d_s]`` final hidden states (after the final
+            norm, the output layer's input); only for ``needs_hidden_states``.
+        teacher_hidden: ``[N_t, d_t]``; likewise.
+        student_head_weight: ``[Vs_local, d_s]`` this rank's shard of the
+            student's output-layer weight (used detached); likewise.
+        teacher_head_weight: ``[Vt_local, d_t]``; likewise.
+        tp_group: TP group both vocabularies are sharded over, or None.
+        student_vocab_size, teacher_vocab_size: real vocabulary sizes.
+        temperature: float, or a per-pair ``[K]`` tensor, passed to objectives.
+    """
+
+    student_logits: torch.Tensor
+    teacher_logits: torch.Tensor
+    pairs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    student_labels: Optional[torch.Tensor] = None
+    student_hidden: Optional[torch.Tensor] = None
+    teacher_hidden: Optional[torch.Tensor] = None
+    student_head_weight: Optional[torch.Tensor] = None
+    teacher_head_weight: Optional[torch.Tensor] = None
+    tp_group: Any = None
+    student_vocab_size: Optional[int] = None
+    teacher_vocab_size: Optional[int] = None
+    temperature: Temperature = 1.0
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(student_rows, teacher_rows)`` of the pairs that have a valid student label."""
+        device = self.student_logits.device
+        if self.pairs is None:
+            if self.student_logits.shape[0] != self.teacher_logits.shape[0]:
+                raise ValueError(f"pairs=None needs as many student rows ({self.student_logits.shape[0]}) as "
+                                 f"teacher rows ({self.teacher_logits.shape[0]}); pass the aligned pairs")
+            s = t = torch.arange(self.student_logits.shape[0], device=device)
+        else:
+            s, t = (p.to(device=device, dtype=torch.long) for p in self.pairs)
+        if self.student_labels is not None:
+            keep = self.student_labels.to(device)[s] != -100
+            s, t = s[keep], t[keep]
+        return s, t
+
+
+@dataclass
+class AlignerOutput:
+    """A loss-computing aligner's result for one microbatch.
+
+    Attributes:
+        loss_sum: scalar fp32, the weighted sum of every term over the aligned
+            tokens (differentiable). The engine divides by the global count.
+        num_tokens: aligned student tokens this loss covers (its KD normaliser).
+        terms: per-term token sums, detached (keys among ``term_names``).
+        report: floats to log: ``aligned`` (pairs used), ``student_targets``
+            (valid student labels, when labels were given), ``coverage``.
+    """
+
+    loss_sum: torch.Tensor
+    num_tokens: int
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    report: dict[str, float] = field(default_factory=dict)
+
 
 class VocabAligner(Part):
     """Relates the teacher's vocabulary (and tokenization) to the student's.
 
-    ``check(student_vocab_size, teacher_vocab_size, **info) -> list[str]`` runs at
-    ``distill check`` time and returns error strings (empty when compatible).
-    The engine-facing methods are defined by each aligner family; see
-    ``docs/aligners.md``.
+    Everything the engine asks of an aligner is declared here, with a default
+    that fits an aligner which only lays one vocabulary out like the other
+    (``identity``); docs/aligners.md has the sequence of calls.
+
+    Class attributes (what the aligner needs from the engine):
+
+    * ``cross_tokenizer``: with two different tokenizers the batches come from
+      raw text with both tokenizations and the exact token alignment.
+    * ``computes_loss``: the engine calls :meth:`loss` instead of its
+      selector -> temperature -> objective glue.
+    * ``needs_hidden_states``: :meth:`loss` needs both models' final hidden
+      states and output-layer weights (:class:`AlignerInputs`).
+    * ``pairing``: how the data path pairs positions, ``"eta"`` (exact token
+      alignment) or ``"position"``.
+    * ``term_names``: keys of :attr:`AlignerOutput.terms` the engine logs.
+
+    Call sequence in the engine (each rank): ``check`` (at ``distill check``),
+    ``objective_name_and_params`` (the engine builds that objective through its
+    plugin host), ``setup(student_tokenizer=, teacher_tokenizer=, objective=)``,
+    ``build_modules(...)`` on the last pipeline stage (before DDP wraps the
+    model), ``trainable_modules()`` into the optimizer (learning rate
+    ``learning_rate()``) and the checkpoint, then ``loss(inputs)`` per microbatch.
     """
 
+    cross_tokenizer: ClassVar[bool] = False
+    computes_loss: ClassVar[bool] = False
+    needs_hidden_states: ClassVar[bool] = False
+    term_names: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def pairing(self) -> str:
+        """``"eta"`` (exact token alignment) or ``"position"`` (k-th target with k-th target)."""
+        return "eta"
+
     def check(self, *, student_vocab_size: int, teacher_vocab_size: int, **info: Any) -> list[str]:
+        """Errors (strings) at ``distill check`` time; empty when compatible."""
         return []
+
+    def objective_name_and_params(self) -> Optional[tuple[str, dict[str, Any]]]:
+        """The registered objective :meth:`loss` uses, as ``(name, params)``; None when it uses none."""
+        return None
+
+    def setup(self, *, student_tokenizer: Any = None, teacher_tokenizer: Any = None,
+              objective: Optional[Objective] = None) -> None:
+        """Before the first step: both ``tokenizers.Tokenizer`` objects and the built objective."""
+
+    def build_modules(self, student_head_weight: torch.Tensor, teacher_head_weight: torch.Tensor, *,
+                      tp_group: Any = None, student_vocab_size: Optional[int] = None,
+                      teacher_vocab_size: Optional[int] = None, seed: int = 0) -> list[torch.nn.Module]:
+        """Create and initialise trainable modules from this rank's output-layer shards (last stage only).
+
+        Only called when ``needs_hidden_states``. ``*_head_weight`` are ``[V_local, d]``.
+        Returns the modules (the same list :meth:`trainable_modules` returns afterwards).
+        """
+        return []
+
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        """Modules whose parameters join the optimizer, the gradient reduction and the checkpoint."""
+        return []
+
+    def learning_rate(self) -> Optional[float]:
+        """Learning rate of :meth:`trainable_modules`' parameter group; None = ``training.lr``."""
+        return None
+
+    def loss(self, inputs: AlignerInputs) -> AlignerOutput:
+        """The aligned loss of one microbatch (only called when ``computes_loss``)."""
+        raise NotImplementedError(f"aligner {self.name or type(self).__name__!r} sets computes_loss but has no loss()")
 
 
 #: registry kind -> base class every registered part of that kind must subclass.

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill_plugins import build_plugin_host
+from distill_plugins import build_objective, build_plugin_host
 from distill_plugins.aligners import (
     AlignerInputs,
     DSKDAligner,
@@ -408,7 +408,7 @@ def test_uld_matches_numpy_sorting():
 def test_eta_aligner_is_kl_over_shared_tokens(toks):
     s_tok, t_tok = toks
     eta = ETAAligner()
-    eta.setup(student_tokenizer=s_tok, teacher_tokenizer=t_tok)
+    eta.setup(student_tokenizer=s_tok, teacher_tokenizer=t_tok, objective=build_objective("forward_kl"))
     vm = eta.vocab_map
     g = torch.Generator().manual_seed(1)
     zs = torch.randn(6, 304, generator=g, requires_grad=True)
@@ -447,7 +447,7 @@ def test_dskd_pinv_init_recovers_an_exact_map():
 def test_dskd_terms_on_one_rank(toks):
     s_tok, t_tok = toks
     dskd = DSKDAligner(DSKDAligner.Config(objective="forward_kl"))
-    dskd.setup(student_tokenizer=s_tok, teacher_tokenizer=t_tok)
+    dskd.setup(student_tokenizer=s_tok, teacher_tokenizer=t_tok, objective=build_objective("forward_kl"))
     g = torch.Generator().manual_seed(3)
     ws, wt = torch.randn(304, 16, generator=g) * 0.3, torch.randn(512, 24, generator=g) * 0.3
     dskd.build_projectors(16, 24)

@@ -28,13 +28,12 @@ Check-time information (keyword arguments of ``check``):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar, Collection, Optional, Union
 
 import torch
 
 from ..errors import RecipeWarning
-from ..interfaces import Objective, Temperature, VocabAligner
+from ..interfaces import AlignerInputs, AlignerOutput, Objective, VocabAligner
 
 __all__ = ["AlignerInputs", "AlignerOutput", "AlignerBase", "ObjectiveSpec", "resolve_aligner_name",
            "recipe_problems", "LOGIT_FREE_POLICIES"]
@@ -49,118 +48,38 @@ LOGIT_FREE_POLICIES = ("constant", "schedule")
 ObjectiveSpec = Union[str, dict[str, Any]]
 
 
-@dataclass
-class AlignerInputs:
-    """One microbatch's tensors for a cross-tokenizer aligner (rows already flattened).
-
-    Attributes:
-        student_logits: ``[N_s, Vs_local]`` student logits (requires grad).
-        teacher_logits: ``[N_t, Vt_local]`` teacher logits (no grad).
-        pairs: ``(student_rows [K], teacher_rows [K])`` int64 row indices of
-            aligned positions, or None when both sides share one tokenization
-            (then ``N_s == N_t`` and row i pairs with row i).
-        student_labels: ``[N_s]`` gold next-token ids, -100 where masked.
-            Pairs whose student label is -100 are dropped.
-        student_hidden: ``[N_s, d_s]`` final hidden states (after the final
-            norm, the output layer's input); DSKD only.
-        teacher_hidden: ``[N_t, d_t]``; DSKD only.
-        student_head_weight: ``[Vs_local, d_s]`` this rank's shard of the
-            student's output-layer weight; DSKD only (used detached).
-        teacher_head_weight: ``[Vt_local, d_t]``; DSKD only.
-        tp_group: TP group both vocabularies are sharded over, or None.
-        student_vocab_size, teacher_vocab_size: real vocabulary sizes.
-        temperature: float, or a per-pair ``[K]`` tensor, passed to objectives.
-    """
-
-    student_logits: torch.Tensor
-    teacher_logits: torch.Tensor
-    pairs: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-    student_labels: Optional[torch.Tensor] = None
-    student_hidden: Optional[torch.Tensor] = None
-    teacher_hidden: Optional[torch.Tensor] = None
-    student_head_weight: Optional[torch.Tensor] = None
-    teacher_head_weight: Optional[torch.Tensor] = None
-    tp_group: Any = None
-    student_vocab_size: Optional[int] = None
-    teacher_vocab_size: Optional[int] = None
-    temperature: Temperature = 1.0
-
-    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(student_rows, teacher_rows)`` of the pairs that have a valid student label."""
-        device = self.student_logits.device
-        if self.pairs is None:
-            if self.student_logits.shape[0] != self.teacher_logits.shape[0]:
-                raise ValueError(f"pairs=None needs as many student rows ({self.student_logits.shape[0]}) as "
-                                 f"teacher rows ({self.teacher_logits.shape[0]}); pass the aligned pairs")
-            s = t = torch.arange(self.student_logits.shape[0], device=device)
-        else:
-            s, t = (p.to(device=device, dtype=torch.long) for p in self.pairs)
-        if self.student_labels is not None:
-            keep = self.student_labels.to(device)[s] != -100
-            s, t = s[keep], t[keep]
-        return s, t
-
-
-@dataclass
-class AlignerOutput:
-    """An aligner's loss for one microbatch.
-
-    Attributes:
-        loss_sum: scalar fp32, the weighted sum of every term over the aligned
-            tokens (differentiable). The engine divides by the global count.
-        num_tokens: aligned student tokens this loss covers (the normaliser).
-        terms: per-term token sums, detached (e.g. ``t2s_ce``, ``s2t_kd``).
-        report: floats to log: ``aligned`` (pairs used), ``student_targets``
-            (valid student labels, when labels were given), ``coverage``.
-    """
-
-    loss_sum: torch.Tensor
-    num_tokens: int
-    terms: dict[str, torch.Tensor] = field(default_factory=dict)
-    report: dict[str, float] = field(default_factory=dict)
-
-
 class AlignerBase(VocabAligner):
-    """Common engine-facing surface of the built-in aligners.
+    """Common base of the built-in cross-tokenizer aligners (``eta``, ``dskd``, ``uld``).
 
-    Class attributes tell the engine what an aligner needs:
-
-    * ``cross_tokenizer``: the batch must carry both tokenizations and the
-      exact token alignment (build it with ``AlignmentCollator``).
-    * ``computes_loss``: the engine calls :meth:`loss` instead of its own
-      objective glue.
-    * ``needs_hidden_states``: :class:`AlignerInputs` must carry the final
-      hidden states and output-layer weights of both models.
+    They compute their own loss over the aligned pairs (``computes_loss``) and
+    re-tokenize raw text when the tokenizers differ (``cross_tokenizer``); the
+    engine-facing surface is :class:`~distill_plugins.interfaces.VocabAligner`.
+    This base keeps the tokenizers and the objective handed to :meth:`setup`,
+    reads the objective from the part's ``objective`` key, and gives a zero
+    loss connected to every trainable input for a microbatch with no pair.
     """
 
     cross_tokenizer: ClassVar[bool] = True
     computes_loss: ClassVar[bool] = True
     needs_hidden_states: ClassVar[bool] = False
-    #: how the data path pairs positions: "eta" (exact token alignment) or "position".
-    pairing: str = "eta"
-    #: keys of ``AlignerOutput.terms`` the engine logs per step (token means over aligned tokens).
     term_names: ClassVar[tuple[str, ...]] = ()
 
     def setup(self, *, student_tokenizer: Any = None, teacher_tokenizer: Any = None,
               objective: Optional[Objective] = None, **kwargs: Any) -> None:
-        """Give the aligner what it needs before the first step (engine, once per rank).
-
-        Args:
-            student_tokenizer, teacher_tokenizer: ``tokenizers.Tokenizer`` objects.
-            objective: the objective built from the aligner's ``objective``
-                key by the engine's plugin host (so recipe plugins count); when
-                omitted it is built on first use from a fresh host.
-        """
+        """Keep both tokenizers and the objective the engine built from :meth:`objective_name_and_params`."""
         self._tokenizers = (student_tokenizer, teacher_tokenizer)
         if objective is not None:
             self._objective = objective
 
     @classmethod
-    def check_recipe(cls, config: Any, recipe: Any) -> list[str]:
-        """``distill check`` hook (see ``recipe/validate.py``): :meth:`check` with the recipe's facts."""
+    def check_recipe(cls, config: Any, recipe: Any, *, objectives: Optional[Collection[str]] = None) -> list[str]:
+        """``distill check`` hook (see ``recipe/validate.py``): :meth:`check` with the recipe's facts.
+
+        ``objectives``: the registered objective names of the validating plugin host (None: unknown).
+        """
         part = cls(config)
         part.name = getattr(getattr(recipe, "aligner", None), "name", "") or part.name
-        info, errors = recipe_check_info(recipe)
+        info, errors = recipe_check_info(recipe, objectives=objectives)
         if errors:
             return errors
         problems = recipe_problems(recipe, part.name or cls.__name__) if cls.computes_loss else []
@@ -168,13 +87,6 @@ class AlignerBase(VocabAligner):
             problems.append(f"aligner {part.name!r} projects hidden states, which megatron scatters over the "
                             "sequence under parallel.sequence_parallel; set parallel.sequence_parallel: false")
         return problems + part.check(**info)
-
-    def trainable_modules(self) -> list[torch.nn.Module]:
-        """Modules whose parameters join the optimizer and the checkpoint (default none)."""
-        return []
-
-    def loss(self, inputs: AlignerInputs) -> AlignerOutput:
-        raise NotImplementedError
 
     def _empty(self, inputs: AlignerInputs, s_rows: torch.Tensor) -> AlignerOutput:
         """A zero loss still connected to every trainable input (a microbatch with no aligned token).
@@ -200,12 +112,12 @@ class AlignerBase(VocabAligner):
 
     @property
     def objective(self) -> Objective:
+        """The objective handed to :meth:`setup` (the engine builds it through its plugin host)."""
         obj = getattr(self, "_objective", None)
         if obj is None:
-            from .. import build_part
-
-            name, params = self.objective_name_and_params()
-            obj = self._objective = build_part("objective", name, **params)
+            name, _ = self.objective_name_and_params()
+            raise RuntimeError(f"aligner {self.name or type(self).__name__!r}: call setup(objective=...) with the "
+                               f"built {name!r} objective before loss()")
         return obj
 
     def _check_objective(self, info: dict[str, Any]) -> list[str]:
@@ -306,7 +218,7 @@ def _vocab_size_of(spec: str) -> int:
     return int(load_tokenizer(spec).get_vocab_size(with_added_tokens=True))
 
 
-def recipe_check_info(recipe: Any) -> tuple[dict[str, Any], list[str]]:
+def recipe_check_info(recipe: Any, *, objectives: Optional[Collection[str]] = None) -> tuple[dict[str, Any], list[str]]:
     """Keyword arguments for ``check`` from a recipe, and errors met while gathering them.
 
     Real vocab sizes are ``student.vocab_size`` / ``teacher.vocab_size`` when
@@ -326,13 +238,6 @@ def recipe_check_info(recipe: Any) -> tuple[dict[str, Any], list[str]]:
             except Exception as exc:  # reported: check gathers every error
                 key = "data.tokenizer" if tok == s_tok else "data.teacher_tokenizer"
                 errors.append(f"{key}: cannot load tokenizer {tok!r}: {exc}")
-    objectives = None
-    try:
-        from ..manager import build_plugin_host
-
-        objectives = build_plugin_host(list(recipe.plugins)).names("objective")
-    except Exception:  # plugin errors are reported by recipe validation itself
-        pass
     info = {"student_vocab_size": sizes["student"], "teacher_vocab_size": sizes["teacher"],
             "student_tokenizer": s_tok, "teacher_tokenizer": t_tok, "data_kind": recipe.data.kind,
             "tensor_parallel": recipe.parallel.tensor, "objectives": objectives}

@@ -170,10 +170,11 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, gro
 class DSKDAligner(AlignerBase):
     """Dual-space KD; same tokenizer (``pairs=None``) or two tokenizers with ETA pairs.
 
-    Engine sequence: ``setup(...)``, ``build_projectors(d_s, d_t)``,
-    ``init_projectors(student_head_weight, teacher_head_weight, ...)`` (unless
-    resuming), parameters of :meth:`trainable_modules` into the optimizer and
-    the checkpoint, then :meth:`loss` per microbatch.
+    Engine sequence (:class:`~distill_plugins.interfaces.VocabAligner`): ``setup(...)``,
+    :meth:`build_modules` (``build_projectors(d_s, d_t)`` then ``init_projectors``
+    from both output-layer shards; a resume overwrites them), the parameters of
+    :meth:`trainable_modules` into the optimizer (``learning_rate()`` =
+    ``projector_lr``) and the checkpoint, then :meth:`loss` per microbatch.
     """
 
     needs_hidden_states = True
@@ -245,10 +246,22 @@ class DSKDAligner(AlignerBase):
             self.projectors.t2s.weight.copy_(t2s)
             self.projectors.s2t.weight.copy_(s2t)
 
+    def build_modules(self, student_head_weight: torch.Tensor, teacher_head_weight: torch.Tensor, *,
+                      tp_group: Any = None, student_vocab_size: Optional[int] = None,
+                      teacher_vocab_size: Optional[int] = None, seed: int = 0) -> list[torch.nn.Module]:
+        """Build the projectors (random init from ``seed``, fp32) and apply the configured init."""
+        self.build_projectors(student_head_weight.shape[1], teacher_head_weight.shape[1], dtype=torch.float32,
+                              device=student_head_weight.device, seed=seed)
+        self.init_projectors(student_head_weight, teacher_head_weight, tp_group=tp_group,
+                             student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size)
+        return self.trainable_modules()
+
     def trainable_modules(self) -> list[torch.nn.Module]:
-        if self.projectors is None:
-            raise RuntimeError("DSKDAligner: call build_projectors(d_s, d_t) before trainable_modules()")
-        return [self.projectors]
+        """The projectors once built (none off the last pipeline stage, where they are never built)."""
+        return [self.projectors] if self.projectors is not None else []
+
+    def learning_rate(self) -> Optional[float]:
+        return self.config.projector_lr
 
     def all_reduce_gradients(self, dp_group: Any, average: bool = True) -> None:
         """SUM (or mean) the projector gradients over ``dp_group``, matching how the model's are reduced."""

@@ -27,6 +27,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ..data.tokenizer import Tokenizer as DataTokenizer
+from ..data.tokenizer import load_tokenizer as load_data_tokenizer
 from ..errors import InputError
 
 __all__ = ["load_tokenizer", "as_backend", "token_bytes", "byte_lengths", "special_ids", "VocabMap", "is_byte_level",
@@ -39,52 +41,27 @@ def as_backend(tok: Any) -> Any:
         return load_tokenizer(str(tok))
     if hasattr(tok, "get_vocab") and hasattr(tok, "to_str"):
         return tok
-    backend = getattr(tok, "backend", None) or getattr(tok, "_tok", None)
+    backend = tok.backend if isinstance(tok, DataTokenizer) else None
     if backend is None:
-        raise InputError(f"{tok!r} is not backed by a tokenizers.Tokenizer; character offsets need a fast tokenizer")
+        raise InputError(f"tokenizer {getattr(tok, 'name', tok)!r} has no fast (Rust) tokenizers backend; "
+                         "cross-tokenizer alignment reads character offsets: save a fast tokenizer "
+                         "(tokenizer.json) and point data.tokenizer / data.teacher_tokenizer at it")
     _untrim_offsets(backend)
     return backend
 
 
 def load_tokenizer(path: str) -> Any:
-    """A ``tokenizers.Tokenizer`` from a local JSON file or HF tokenizer directory.
+    """The ``tokenizers.Tokenizer`` of a tokenizer spec, loaded by the data package's one loader.
 
-    ``embedded:N`` specs (and anything else) go through
-    :func:`distill_plugins.data.tokenizer.load_tokenizer` when that module
-    exists.
+    :func:`distill_plugins.data.tokenizer.load_tokenizer` applies the rules
+    (``tokenizer.json`` file, Hugging Face directory, ``embedded:N``);
+    :func:`as_backend` then requires the fast (Rust) backend, because
+    alignment reads character offsets.
 
     Raises:
-        InputError: the path does not exist, or is a directory without
-            ``tokenizer.json`` while ``transformers`` is not installed.
+        InputError: no such tokenizer, or one without a fast backend.
     """
-    from tokenizers import Tokenizer
-
-    if str(path).startswith("embedded:"):
-        from ..data.tokenizer import load_tokenizer as load_wrapped
-
-        return as_backend(load_wrapped(path))
-    if not os.path.exists(path):
-        raise InputError(f"tokenizer {path!r} does not exist; give a tokenizers JSON file or a HF tokenizer directory")
-    if os.path.isdir(path):
-        candidate = os.path.join(path, "tokenizer.json")
-        if os.path.exists(candidate):
-            tok = Tokenizer.from_file(candidate)
-        else:
-            try:
-                from transformers import AutoTokenizer
-            except ImportError:
-                raise InputError(f"tokenizer directory {path!r} has no tokenizer.json; install transformers "
-                                 "(pip install 'distill-plugins[hf]') to load it, or save it with "
-                                 "tokenizer.save_pretrained() from a fast tokenizer") from None
-            hf = AutoTokenizer.from_pretrained(path, use_fast=True, local_files_only=True)
-            if not getattr(hf, "is_fast", False):
-                raise InputError(f"tokenizer directory {path!r} has no fast (Rust) tokenizer; character offsets "
-                                 "need one")
-            tok = hf.backend_tokenizer
-    else:
-        tok = Tokenizer.from_file(path)
-    _untrim_offsets(tok)
-    return tok
+    return as_backend(load_data_tokenizer(path))
 
 
 def _untrim_offsets(tok: Any) -> None:

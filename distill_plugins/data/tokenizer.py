@@ -70,6 +70,11 @@ class Tokenizer:
         self.unique_identifiers = {"class": "distill_plugins.Tokenizer", "name": name,
                                    "vocab_size": self.vocab_size, "eod": self.eos_id}
 
+    @property
+    def backend(self) -> Any:
+        """The fast ``tokenizers.Tokenizer`` (character offsets), or None for a slow HF tokenizer."""
+        return self._tok
+
     # -- construction -----------------------------------------------------
     def _find_eos(self) -> int:
         if self._hf is not None and getattr(self._hf, "eos_token_id", None) is not None:

@@ -7,17 +7,17 @@ Design
 * ``identity`` (or ``auto`` on one tokenizer): nothing to do; the engine's
   usual glue (:func:`.loss.distill_loss`) compares the logits.
 * aligners that compute their own loss (``eta``, ``dskd``, ``uld``, and
-  third-party :class:`~distill_plugins.aligners.AlignerBase` subclasses with
+  third-party :class:`~distill_plugins.interfaces.VocabAligner` parts with
   ``computes_loss``): :meth:`AlignerRuntime.loss` replaces the objective glue.
   When the two tokenizers differ the batches come from raw text
   (:mod:`distill_plugins.data.text_batches`) and carry ``teacher_tokens`` and
   the exact token alignment; with one tokenizer the usual token batches serve
   and row ``i`` pairs with row ``i``.
 * aligners with trainable modules (DSKD projectors): built on the last
-  pipeline stage, initialised from both output layers (``init``), attached to
+  pipeline stage from both output layers (``build_modules``), attached to
   the :class:`~.pipeline.DistillStage` before DDP wraps it (so DDP reduces their
   gradients over data-parallel ranks and the optimizer, clipping and NaN guard
-  cover them), learning rate ``projector_lr`` through a megatron optimizer
+  cover them), learning rate ``learning_rate()`` through a megatron optimizer
   parameter-group override, state saved in the checkpoint's ``parts`` under
   ``aligner``.
 
@@ -37,30 +37,56 @@ says so.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Any, Optional
 
 import torch
+from megatron.core.optimizer import get_standard_config_overrides
+from megatron.core.optimizer.optimizer_config import ParamKey
 
+from distill_plugins.aligners.base import LOGIT_FREE_POLICIES, recipe_problems, resolve_aligner_name
+from distill_plugins.aligners.vocab import as_backend, same_vocabulary
+from distill_plugins.data.alignment_collate import pair_rows
+from distill_plugins.data.iterators import _rank0_first, resolve_tokenizer
+from distill_plugins.data.text_batches import load_tokenizer_pair
+from distill_plugins.engine.loss import REPORT_KEYS, LossParts, finish_report, valid_rows
 from distill_plugins.errors import RecipeError
-from distill_plugins.interfaces import Selection, TokenContext
+from distill_plugins.interfaces import AlignerInputs, Selection, TokenContext, VocabAligner
 from distill_plugins.logging import get_logger
-from distill_plugins.aligners.base import LOGIT_FREE_POLICIES, recipe_problems
-from distill_plugins.engine.loss import IGNORE_INDEX, LossParts, any_nonfinite, empty_report, finish_report
 
-__all__ = ["AlignerRuntime", "PROJECTOR_ATTR"]
+__all__ = ["AlignerRuntime", "PROJECTOR_ATTR", "resolve_aligner"]
 
 log = get_logger(__name__)
 
 #: parameter attribute marking aligner parameters (optimizer group override)
 PROJECTOR_ATTR = "is_distill_aligner_parameter"
 
+#: report keys of every loss-computing aligner (coverage), before its own term keys
+COVERAGE_KEYS = ("aligned", "student_targets")
+
+
+def resolve_aligner(recipe: Any) -> Any:
+    """``recipe`` with ``aligner: auto`` replaced by the registered aligner it stands for.
+
+    The one place ``auto`` is resolved: :func:`distill_plugins.recipe.validate.validate_recipe_data`
+    returns recipes already resolved; the engine calls this again only for recipes built in Python.
+    Rules: docs/aligners.md (:func:`~distill_plugins.aligners.base.resolve_aligner_name`).
+    """
+    if recipe.aligner.name != "auto":
+        return recipe
+    data = recipe.data
+    paths = [p for p in (data.tokenizer, data.teacher_tokenizer) if p]
+    readable = all(os.path.exists(p) or p.startswith("embedded:") for p in paths)
+    name = resolve_aligner_name(data.tokenizer if readable else None, data.teacher_tokenizer if readable else None,
+                                recipe.student.vocab_size, recipe.teacher.vocab_size)
+    return dataclasses.replace(recipe, aligner=dataclasses.replace(recipe.aligner, name=name))
+
 
 def _same_tokenizer(student_tok: Any, teacher_tok: Any) -> bool:
     """No second tokenizer, the same object, or every token string with the same id on both sides."""
     if teacher_tok is None or student_tok is None or teacher_tok is student_tok:
         return True
-    from distill_plugins.aligners.vocab import same_vocabulary
-
     return bool(same_vocabulary(student_tok, teacher_tok))
 
 
@@ -68,104 +94,105 @@ class AlignerRuntime:
     """The recipe's aligner, set up for this rank (see module docstring).
 
     Attributes:
-        aligner: the built aligner part.
-        name: its resolved registered name (``auto`` resolved).
-        computes_loss: :meth:`loss` replaces the objective glue.
+        aligner: the built :class:`~distill_plugins.interfaces.VocabAligner`, or None (a run without teacher).
+        name: its registered name.
         text_batches: batches must come from raw text with both tokenizations.
-        needs_hidden: the stage must return both output layers' inputs.
         student_vocab_size, teacher_vocab_size: real vocabularies.
     """
 
-    def __init__(self, aligner: Any, name: str, *, student_vocab_size: int, teacher_vocab_size: int,
-                 text_batches: bool):
-        self.aligner, self.name = aligner, name  # aligner None: a run without teacher
-        self.computes_loss = bool(getattr(aligner, "computes_loss", False))
-        self.needs_hidden = bool(getattr(aligner, "needs_hidden_states", False))
+    def __init__(self, aligner: Optional[VocabAligner], name: str, *, student_vocab_size: int,
+                 teacher_vocab_size: int, text_batches: bool):
+        self.aligner, self.name = aligner, name
         self.text_batches = text_batches
         self.student_vocab_size, self.teacher_vocab_size = student_vocab_size, teacher_vocab_size
-        self.pairing = getattr(aligner, "pairing", "eta")
-        self.term_names: tuple[str, ...] = tuple(getattr(aligner, "term_names", ()))
-        self.stage: Any = None  # the DistillStage whose output weights DSKD reads (set by attach)
+        self.stage: Any = None  # the DistillStage whose output weights a hidden-state aligner reads (attach)
+
+    @property
+    def computes_loss(self) -> bool:
+        """:meth:`loss` replaces the objective glue."""
+        return self.aligner is not None and self.aligner.computes_loss
+
+    @property
+    def needs_hidden(self) -> bool:
+        """The stage must return both output layers' inputs."""
+        return self.aligner is not None and self.aligner.needs_hidden_states
+
+    @property
+    def pairing(self) -> str:
+        return self.aligner.pairing if self.aligner is not None else "eta"
 
     # ------------------------------------------------------------------ building
     @classmethod
     def build(cls, recipe: Any, host: Any, *, student_vocab_size: int, teacher_vocab_size: int) -> "AlignerRuntime":
-        """Resolve ``auto``, build the aligner through ``host`` and give it tokenizers and objective."""
-        from distill_plugins.recipe.validate import resolve_auto_aligner
-
+        """Build the (resolved) aligner through ``host`` and give it tokenizers and objective."""
         if recipe.loss.kd_weight == 0:  # no teacher is built: the student trains on its own tokens
             return cls(None, "none", student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size,
                        text_batches=False)
-        name = recipe.aligner.name
-        if name == "auto":
-            name = resolve_auto_aligner(recipe)
+        name = resolve_aligner(recipe).aligner.name
         aligner = host.build("vocab_aligner", name, dict(recipe.aligner.params))
-        computes_loss = bool(getattr(aligner, "computes_loss", False))
-        if not computes_loss:
+        if not aligner.computes_loss:
             if student_vocab_size != teacher_vocab_size:
                 raise RecipeError(f"aligner {name!r} compares logits over one vocabulary, but the student has "
                                   f"{student_vocab_size} tokens and the teacher {teacher_vocab_size}; use a "
                                   "cross-tokenizer aligner (dskd, eta, uld) with data.teacher_tokenizer set")
             return cls(aligner, name, student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size,
                        text_batches=False)
-        _check_loss_parts(recipe, name)
-        s_tok, t_tok = (_backend(t) for t in _tokenizers(recipe))
-        text = bool(getattr(aligner, "cross_tokenizer", True)) and not _same_tokenizer(s_tok, t_tok)
+        problems = recipe_problems(recipe, name)  # the engine-side twin of the check-time rule
+        if problems:
+            raise RecipeError(problems)
+        s_tok, t_tok = (as_backend(t) if t is not None else None for t in _tokenizers(recipe))
+        text = aligner.cross_tokenizer and not _same_tokenizer(s_tok, t_tok)
         if not text and student_vocab_size != teacher_vocab_size:
             raise RecipeError(f"aligner {name!r}: the student has {student_vocab_size} tokens and the teacher "
                               f"{teacher_vocab_size}, but there is one tokenizer to align them with; set "
                               "data.tokenizer and data.teacher_tokenizer to the two models' tokenizers")
-        setup_kw: dict[str, Any] = {"student_tokenizer": s_tok, "teacher_tokenizer": t_tok}
-        if hasattr(aligner, "objective_name_and_params"):
-            obj_name, obj_params = aligner.objective_name_and_params()
-            setup_kw["objective"] = host.build("objective", obj_name, obj_params)
-        aligner.setup(**setup_kw)
-        pairing = getattr(aligner, "pairing", "eta")
+        spec = aligner.objective_name_and_params()
+        objective = host.build("objective", spec[0], dict(spec[1])) if spec is not None else None
+        aligner.setup(student_tokenizer=s_tok, teacher_tokenizer=t_tok, objective=objective)
         log.info("aligner %s: %s, %d student / %d teacher tokens", name,
-                 f"two tokenizers, text batches paired by {pairing}" if text else "one tokenizer",
+                 f"two tokenizers, text batches paired by {aligner.pairing}" if text else "one tokenizer",
                  student_vocab_size, teacher_vocab_size)
         return cls(aligner, name, student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size,
                    text_batches=text)
 
     def attach(self, stage: Any, *, tp_group: Any, seed: int) -> None:
-        """Build and initialise trainable modules on the last stage and attach them to ``stage`` (before DDP)."""
-        if self.needs_hidden:
-            stage.capture_hidden_states()
-        if not self.needs_hidden or not stage.last_stage:
+        """Build the aligner's trainable modules on the last stage and attach them to ``stage`` (before DDP)."""
+        if not self.needs_hidden:
+            return
+        stage.capture_hidden_states()
+        if not stage.last_stage:
             return
         self.stage = stage
-        a = self.aligner
-        ws, wt = stage.output_weight("student"), stage.output_weight("teacher")
-        a.build_projectors(ws.shape[1], wt.shape[1], dtype=torch.float32, device=ws.device, seed=seed)
-        a.init_projectors(ws, wt, tp_group=tp_group, student_vocab_size=self.student_vocab_size,
-                          teacher_vocab_size=self.teacher_vocab_size)
-        modules = a.trainable_modules()
+        modules = self.aligner.build_modules(
+            stage.output_weight("student"), stage.output_weight("teacher"), tp_group=tp_group,
+            student_vocab_size=self.student_vocab_size, teacher_vocab_size=self.teacher_vocab_size, seed=seed)
         for module in modules:
             for p in module.parameters():
                 setattr(p, PROJECTOR_ATTR, True)
         stage.attach_aligner_modules(modules)
 
     def optimizer_overrides(self, optimizer_config: Any) -> Optional[dict]:
-        """megatron ``config_overrides`` giving the aligner's parameters ``projector_lr`` (None: no change)."""
-        lr = getattr(getattr(self.aligner, "config", None), "projector_lr", None)
-        if not self.needs_hidden or lr is None:
+        """megatron ``config_overrides`` giving the aligner's parameters their learning rate (None: no change)."""
+        lr = self.aligner.learning_rate() if self.aligner is not None else None
+        if not self.trainable_modules() or lr is None:
             return None
-        from megatron.core.optimizer import get_standard_config_overrides
-        from megatron.core.optimizer.optimizer_config import ParamKey
-
         overrides = dict(get_standard_config_overrides(optimizer_config))
         scale = optimizer_config.min_lr / optimizer_config.lr if optimizer_config.lr else 0.0
         overrides[ParamKey(attr=PROJECTOR_ATTR)] = {"max_lr": float(lr), "min_lr": float(lr) * scale}
         return overrides
 
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        """This rank's trainable aligner modules (none off the last stage or without them)."""
+        return list(self.aligner.trainable_modules()) if self.aligner is not None else []
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """Trainable modules' weights (this rank's; empty off the last stage or without modules)."""
-        modules = self._modules()
+        modules = self.trainable_modules()
         return {"modules": [m.state_dict() for m in modules]} if modules else {}
 
     def load_state_dict(self, state: dict) -> None:
-        modules = self._modules()
+        modules = self.trainable_modules()
         saved = (state or {}).get("modules", [])
         if len(saved) != len(modules):
             raise RecipeError(f"the checkpoint holds {len(saved)} aligner module(s) but aligner {self.name!r} has "
@@ -174,37 +201,22 @@ class AlignerRuntime:
             for module, sd in zip(modules, saved):
                 module.load_state_dict(sd)
 
-    def _modules(self) -> list:
-        if not self.needs_hidden or getattr(self.aligner, "projectors", None) is None:
-            return []
-        return list(self.aligner.trainable_modules())
-
     # ------------------------------------------------------------------ loss
     def loss(self, batch: dict[str, torch.Tensor], output: Any, parts: LossParts, *, tp_group: Any, step: int,
              total_steps: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """One microbatch's ``(loss_sum, count, report)`` through ``aligner.loss`` (see module docstring).
 
-        ``output`` is the last stage's :class:`~.pipeline.StageOutput`.
+        ``output`` is the last stage's :class:`~distill_plugins.engine.stage.StageOutput`.
         """
-        from distill_plugins.aligners.base import AlignerInputs
-        from distill_plugins.data.alignment_collate import pair_rows
-
-        zs, zt = output.student_logits, output.teacher_logits
-        s_all = zs.reshape(-1, zs.shape[-1])
-        t_all = zt.reshape(-1, zt.shape[-1]).detach()
-        labels = batch["labels"].reshape(-1).to(s_all.device)
-        valid = labels != IGNORE_INDEX
-        if batch.get("loss_mask") is not None:
-            valid = valid & batch["loss_mask"].reshape(-1).to(s_all.device).bool()
-        idx = valid.nonzero(as_tuple=True)[0]
-        report = empty_report(zs, labels, int(idx.numel()))
-        report["student_targets"] += int(idx.numel())
         pairs = pair_rows(batch, layout="bs") if "align_teacher_pos" in batch else None
-        t_rows = pairs[1] if pairs is not None else idx
-        if idx.numel() and any_nonfinite(s_all[idx], t_all[t_rows.to(t_all.device)], tp_group):
-            report["nonfinite"] += 1
-            zero = s_all.float().sum() * 0.0
-            return zero, torch.tensor(0, dtype=torch.int64, device=zero.device), report
+        labels = batch["labels"]
+        rows = valid_rows(output.student_logits, output.teacher_logits, labels, batch.get("loss_mask"),
+                          tp_group=tp_group, teacher_rows=pairs[1] if pairs is not None else None,
+                          report_keys=self.report_keys_all)
+        s_all, t_all, idx, report = rows.student, rows.teacher, rows.idx, rows.report
+        report["student_targets"] += int(idx.numel())
+        if rows.nonfinite:
+            return rows.skip()
         hidden = {}
         if self.needs_hidden:
             hs, ht = output.student_hidden, output.teacher_hidden
@@ -212,7 +224,7 @@ class AlignerRuntime:
                           teacher_hidden=ht.transpose(0, 1).reshape(-1, ht.shape[-1]),
                           student_head_weight=self.stage.output_weight("student"),
                           teacher_head_weight=self.stage.output_weight("teacher"))
-        student_labels = torch.where(valid, labels, torch.full_like(labels, IGNORE_INDEX))
+        student_labels = torch.where(rows.valid, rows.labels, torch.full_like(rows.labels, -100))
         kd_sum, kd_count = s_all.float().sum() * 0.0, 0
         if parts.kd_weight > 0:
             tau = self._temperature(parts, s_all, idx, step, total_steps)
@@ -221,16 +233,14 @@ class AlignerRuntime:
                 tp_group=tp_group, student_vocab_size=self.student_vocab_size,
                 teacher_vocab_size=self.teacher_vocab_size, temperature=tau, **hidden))
             kd_sum, kd_count = out.loss_sum.float(), int(out.num_tokens)
-            if getattr(parts.temperature, "scale_loss_by_tau_squared", False):
+            if parts.temperature is not None and parts.temperature.scale_loss_by_tau_squared:
                 kd_sum = kd_sum * float(tau) ** 2
             report["aligned"] += float(out.report.get("aligned", kd_count))
             report["kept_tokens"] += kd_count
-            for term in self.term_names:
+            for term in self.aligner.term_names:
                 if term in out.terms:
-                    report[f"aligner/{term}"] = out.terms[term].detach().double()
-        for term in self.term_names:
-            report.setdefault(f"aligner/{term}", torch.zeros((), dtype=torch.float64, device=s_all.device))
-        return finish_report(report, parts, kd_sum, kd_count, s_all, labels, idx, tp_group=tp_group,
+                    report[f"aligner/{term}"] += out.terms[term].detach().double()
+        return finish_report(report, parts, kd_sum, kd_count, s_all, rows.labels, idx, tp_group=tp_group,
                              vocab_size=self.student_vocab_size)
 
     @staticmethod
@@ -248,35 +258,34 @@ class AlignerRuntime:
             tau = float(tau.reshape(-1)[0]) if tau.numel() else 1.0
         return float(tau)
 
+    # ------------------------------------------------------------------ reporting
     @property
     def report_keys(self) -> tuple[str, ...]:
-        """Extra additive report keys this aligner produces (its loss terms)."""
-        return tuple(f"aligner/{t}" for t in self.term_names) if self.computes_loss else ()
+        """Additive report keys this aligner adds to :data:`~distill_plugins.engine.loss.REPORT_KEYS`."""
+        if not self.computes_loss:
+            return ()
+        return COVERAGE_KEYS + tuple(f"aligner/{t}" for t in self.aligner.term_names)
 
+    @property
+    def report_keys_all(self) -> tuple[str, ...]:
+        """Every key of this run's per-microbatch reports."""
+        return REPORT_KEYS + self.report_keys
 
-def _check_loss_parts(recipe: Any, name: str) -> None:
-    """Selector ``all`` and a logit-free temperature policy (the engine-side twin of the check-time rule)."""
-    problems = recipe_problems(recipe, name)
-    if problems:
-        raise RecipeError(problems)
+    def metrics(self, sums: dict[str, float], *, prefix: str = "") -> dict[str, float]:
+        """Coverage and per-term token means from a step's (or evaluation's) reduced report sums."""
+        if not self.computes_loss or sums.get("student_targets", 0) <= 0:
+            return {}
+        out = {f"{prefix}aligned_fraction": sums["aligned"] / sums["student_targets"]}
+        if not prefix:
+            for term in self.aligner.term_names:
+                key = f"aligner/{term}"
+                out[key] = sums[key] / sums["aligned"] if sums["aligned"] > 0 else 0.0
+        return out
 
 
 def _tokenizers(recipe: Any) -> tuple[Any, Any]:
     """Both tokenizers; with no ``data.teacher_tokenizer`` the student's (possibly None) serves both."""
     if recipe.data.teacher_tokenizer:
-        from distill_plugins.data.text_batches import load_tokenizer_pair
-
         return load_tokenizer_pair(recipe)
-    from distill_plugins.data.iterators import _rank0_first, resolve_tokenizer
-
     student = _rank0_first(lambda: resolve_tokenizer(recipe, "student"))
     return student, student
-
-
-def _backend(tok: Any) -> Any:
-    """The ``tokenizers.Tokenizer`` inside a loaded :class:`~distill_plugins.data.tokenizer.Tokenizer` (or None)."""
-    if tok is None:
-        return None
-    from distill_plugins.aligners.vocab import as_backend
-
-    return as_backend(tok)

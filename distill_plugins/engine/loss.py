@@ -60,13 +60,14 @@ from distill_plugins.interfaces import Objective, Selection, TemperaturePolicy, 
 from distill_plugins.parallel import masked_logits_fp32
 
 __all__ = ["LossParts", "distill_loss", "REPORT_KEYS", "build_loss_parts", "cross_entropy_sum", "any_nonfinite",
-           "empty_report", "finish_report"]
+           "MicrobatchRows", "valid_rows", "finish_report"]
 
 IGNORE_INDEX = -100
 
-#: Keys of the per-microbatch report, all additive.
+#: Keys of the per-microbatch report, all additive (loss-computing aligners add their own:
+#: :attr:`distill_plugins.engine.alignment.AlignerRuntime.report_keys`).
 REPORT_KEYS = ("kd_sum", "kd_count", "ce_sum", "ce_count", "valid_tokens", "kept_tokens", "total_tokens",
-               "empty_microbatches", "nonfinite", "aligned", "student_targets")
+               "empty_microbatches", "nonfinite")
 
 
 @dataclass
@@ -175,7 +176,6 @@ def distill_loss(
         ``count`` an int64 scalar (the normaliser), ``report`` additive fp64
         scalars (see module docstring).
     """
-    v_local = student_logits.shape[-1]
     if teacher_logits is None:  # a run without teacher (kd_weight 0): the student's CE only
         if parts.kd_weight > 0:
             raise DistillError("distill_loss got no teacher logits but loss.kd_weight > 0")
@@ -183,22 +183,11 @@ def distill_loss(
     if teacher_logits.shape != student_logits.shape:
         raise DistillError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                            f"{tuple(teacher_logits.shape)} differ: the models need the same padded vocabulary")
-    s_all = student_logits.reshape(-1, v_local)
-    t_all = teacher_logits.reshape(-1, v_local).detach()
-    lab_all = labels.reshape(-1)
-    valid = lab_all != IGNORE_INDEX
-    if loss_mask is not None:
-        valid = valid & loss_mask.reshape(-1).bool()
-    idx = valid.nonzero(as_tuple=True)[0]
-    n_valid = int(idx.numel())
-    report = empty_report(student_logits, lab_all, n_valid)
-
-    if n_valid > 0 and any_nonfinite(s_all[idx], t_all[idx], tp_group):
-        # Objectives reject NaN logits with an error; here the step is flagged instead, so the
-        # training loop can skip it on every rank together (TP ranks agree through the MAX above).
-        report["nonfinite"] += 1
-        zero = _zero(s_all)
-        return zero, torch.tensor(0, dtype=torch.int64, device=zero.device), report
+    rows = valid_rows(student_logits, teacher_logits, labels, loss_mask, tp_group=tp_group)
+    s_all, t_all, lab_all, idx, report = rows.student, rows.teacher, rows.labels, rows.idx, rows.report
+    v_local, n_valid = s_all.shape[-1], int(idx.numel())
+    if rows.nonfinite:
+        return rows.skip()
 
     kd_sum = _zero(s_all)
     kd_count = 0
@@ -211,7 +200,7 @@ def distill_loss(
             keep=torch.ones(n_valid, dtype=torch.bool, device=s.device))
         keep = selection.keep.to(device=s.device, dtype=torch.bool)
         if keep.shape != (n_valid,):
-            raise DistillError(f"selector {getattr(parts.selector, 'name', '')!r} returned keep of shape "
+            raise DistillError(f"selector {parts.selector.name!r} returned keep of shape "
                                f"{tuple(keep.shape)} for {n_valid} tokens")
         n_kept = int(keep.sum())
         if n_kept < n_valid:
@@ -224,7 +213,7 @@ def distill_loss(
             tau = parts.temperature.temperatures(ctx, selection) if parts.temperature is not None else 1.0
             per_token = parts.objective(ctx.student_logits, ctx.teacher_logits, temperature=tau,
                                         tp_group=tp_group, vocab_size=vocab_size)
-            if parts.temperature is not None and getattr(parts.temperature, "scale_loss_by_tau_squared", False):
+            if parts.temperature is not None and parts.temperature.scale_loss_by_tau_squared:
                 tau_t = tau if isinstance(tau, torch.Tensor) else torch.tensor(float(tau))
                 per_token = per_token * tau_t.to(per_token).detach() ** 2
             kd_sum = per_token.float().sum()
@@ -234,13 +223,66 @@ def distill_loss(
                          vocab_size=vocab_size)
 
 
-def empty_report(student_logits: torch.Tensor, labels: torch.Tensor, n_valid: int) -> dict[str, torch.Tensor]:
-    """A zero report (every key of :data:`REPORT_KEYS`) with the token counts of one microbatch."""
-    f64 = dict(dtype=torch.float64, device=student_logits.device)
-    report = {k: torch.zeros((), **f64) for k in REPORT_KEYS}
-    report["total_tokens"] += labels.numel()
-    report["valid_tokens"] += n_valid
-    return report
+@dataclass
+class MicrobatchRows:
+    """One microbatch flattened to rows, with its valid rows and a fresh report (:func:`valid_rows`).
+
+    Attributes:
+        student: ``[N, Vs_local]`` student logits (grad).
+        teacher: ``[N_t, Vt_local]`` teacher logits, detached.
+        labels: ``[N]`` next-token ids, ``-100`` = no loss.
+        valid: bool ``[N]``, label set and loss mask 1.
+        idx: int64 ``[n_valid]`` indices of the valid rows.
+        report: zero report with ``total_tokens`` and ``valid_tokens`` filled in.
+        nonfinite: a valid row had a NaN/Inf logit on some TP rank (agreed over TP).
+    """
+
+    student: torch.Tensor
+    teacher: torch.Tensor
+    labels: torch.Tensor
+    valid: torch.Tensor
+    idx: torch.Tensor
+    report: dict[str, torch.Tensor]
+    nonfinite: bool = False
+
+    def skip(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The result of a non-finite microbatch: zero loss, count 0, ``report["nonfinite"] = 1``.
+
+        Objectives reject NaN logits with an error; here the step is flagged instead, so the training
+        loop can skip it on every rank together.
+        """
+        self.report["nonfinite"] += 1
+        zero = _zero(self.student)
+        return zero, torch.tensor(0, dtype=torch.int64, device=zero.device), self.report
+
+
+def valid_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+               loss_mask: Optional[torch.Tensor], *, tp_group: Any, teacher_rows: Any = None,
+               report_keys: tuple[str, ...] = REPORT_KEYS) -> MicrobatchRows:
+    """The preamble every loss path shares: flatten, pick valid rows, start the report, check finiteness.
+
+    ``student_logits [..., Vs_local]`` and ``teacher_logits [..., Vt_local]`` are flattened to rows;
+    a row is valid when its label is not -100 and ``loss_mask`` (if given) is 1. The finiteness check
+    covers the valid student rows and the teacher rows they are compared with: the same rows, or
+    ``teacher_rows`` (an index tensor, for aligners that pair rows across two tokenizations). It is a
+    collective over ``tp_group`` (every TP rank reaches the same answer).
+    """
+    s_all = student_logits.reshape(-1, student_logits.shape[-1])
+    t_all = teacher_logits.reshape(-1, teacher_logits.shape[-1]).detach()
+    lab_all = labels.reshape(-1).to(s_all.device)
+    valid = lab_all != IGNORE_INDEX
+    if loss_mask is not None:
+        valid = valid & loss_mask.reshape(-1).to(s_all.device).bool()
+    idx = valid.nonzero(as_tuple=True)[0]
+    f64 = dict(dtype=torch.float64, device=s_all.device)
+    report = {k: torch.zeros((), **f64) for k in report_keys}
+    report["total_tokens"] += lab_all.numel()
+    report["valid_tokens"] += int(idx.numel())
+    rows = MicrobatchRows(s_all, t_all, lab_all, valid, idx, report)
+    if idx.numel():
+        t_idx = idx if teacher_rows is None else teacher_rows.to(t_all.device)
+        rows.nonfinite = any_nonfinite(s_all[idx], t_all[t_idx], tp_group)
+    return rows
 
 
 def finish_report(report: dict[str, torch.Tensor], parts: LossParts, kd_sum: torch.Tensor, kd_count: int,

@@ -185,7 +185,7 @@ class Trainer:
         else:
             log.info("loss.kd_weight is 0: no teacher is built (cross-entropy on labels only)")
         reference = None
-        if teacher is not None and getattr(parts.selector, "needs_reference_model", False):
+        if teacher is not None and parts.selector is not None and parts.selector.needs_reference_model:
             if recipe.reference is None:
                 raise RecipeError(f"selector {recipe.selector.name!r} needs a reference model: add a `reference:` "
                                   "section (the student's architecture, e.g. {hf: /models/draft-ref})")
@@ -333,11 +333,8 @@ class Trainer:
         norm = sums["kd_count"] if p.kd_weight > 0 else sums["valid_tokens"]
         loss = (p.kd_weight * sums["kd_sum"] + p.ce_weight * sums["ce_sum"]) / norm if norm > 0 else 0.0
         valid = sums["valid_tokens"]
-        aligned = {}
-        if sums["student_targets"] > 0:  # loss-computing aligners: coverage and per-term token means
-            aligned["aligned_fraction"] = sums["aligned"] / sums["student_targets"]
-            for key in self.report_keys[len(REPORT_KEYS):]:
-                aligned[key] = sums[key] / sums["aligned"] if sums["aligned"] > 0 else 0.0
+        # loss-computing aligners: coverage and per-term token means
+        aligned = self.aligner.metrics(sums) if self.aligner is not None else {}
         if not skipped:
             self._steps_timed += 1
             self._tokens_timed += sums["total_tokens"]
@@ -412,8 +409,8 @@ class Trainer:
         out = {"eval_kd_loss": sums["kd_sum"] / sums["kd_count"] if sums["kd_count"] > 0 else 0.0,
                "eval_ce_loss": sums["ce_sum"] / sums["ce_count"] if sums["ce_count"] > 0 else 0.0,
                "eval_tokens": sums["valid_tokens"]}
-        if sums["student_targets"] > 0:
-            out["eval_aligned_fraction"] = sums["aligned"] / sums["student_targets"]
+        if self.aligner is not None:
+            out.update(self.aligner.metrics(sums, prefix="eval_"))
         rank = dist.get_rank() if dist.is_initialized() else 0
         if rank == 0:
             log.info("eval @ step %d  kd %.4f  ce %.4f  tokens %d", self.step, out["eval_kd_loss"],

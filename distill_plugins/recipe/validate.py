@@ -175,7 +175,9 @@ def validate_recipe_data(data: dict[str, Any], host=None, source: str = "recipe"
     for section, (cls, config) in part_configs.items():
         check = getattr(cls, "check_recipe", None)
         if check is not None:
-            errors.extend(type(e)(f"{section}: {e}") for e in check(config, checked))
+            # aligners check their objective against this host's registry (they build no host of their own)
+            kw = {"objectives": host.names("objective")} if section == "aligner" else {}
+            errors.extend(type(e)(f"{section}: {e}") for e in check(config, checked, **kw))
     selector = part_configs.get("selector")
     if selector is not None and getattr(selector[0], "needs_reference_model", False):
         errors.extend(_reference_errors(checked))
