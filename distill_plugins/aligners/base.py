@@ -27,6 +27,7 @@ Check-time information (keyword arguments of ``check``):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, ClassVar, Collection, Optional, Union
 
@@ -35,7 +36,7 @@ import torch
 from ..errors import RecipeWarning
 from ..interfaces import AlignerInputs, AlignerOutput, Objective, VocabAligner
 
-__all__ = ["AlignerInputs", "AlignerOutput", "AlignerBase", "ObjectiveSpec", "resolve_aligner_name",
+__all__ = ["AlignerInputs", "AlignerOutput", "AlignerBase", "ObjectiveSpec", "resolve_aligner", "resolve_aligner_name",
            "recipe_problems", "LOGIT_FREE_POLICIES"]
 
 #: data kinds that hold raw text (cross-tokenizer alignment re-tokenizes it).
@@ -207,6 +208,24 @@ def resolve_aligner_name(student_tokenizer_path: Optional[str], teacher_tokenize
     if same_vocabulary(load_tokenizer(student_tokenizer_path), load_tokenizer(teacher_tokenizer_path)):
         return "identity"
     return cross_tokenizer_default
+
+
+def resolve_aligner(recipe: Any) -> Any:
+    """``recipe`` with ``aligner: auto`` replaced by the registered aligner it stands for.
+
+    The one place ``auto`` is resolved (rules: :func:`resolve_aligner_name`, docs/aligners.md):
+    recipe validation returns recipes already resolved, so ``distill run`` resolves once; the
+    engine calls it again only for a recipe built in Python, where it is then the first call.
+    Tokenizer paths that do not exist on this machine count as unknown.
+    """
+    if recipe.aligner.name != "auto":
+        return recipe
+    data = recipe.data
+    paths = [p for p in (data.tokenizer, data.teacher_tokenizer) if p]
+    readable = all(os.path.exists(p) or p.startswith("embedded:") for p in paths)
+    name = resolve_aligner_name(data.tokenizer if readable else None, data.teacher_tokenizer if readable else None,
+                                recipe.student.vocab_size, recipe.teacher.vocab_size)
+    return dataclasses.replace(recipe, aligner=dataclasses.replace(recipe.aligner, name=name))
 
 
 def _vocab_size_of(spec: str) -> int:

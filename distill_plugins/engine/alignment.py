@@ -37,15 +37,13 @@ says so.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from typing import Any, Optional
 
 import torch
 from megatron.core.optimizer import get_standard_config_overrides
 from megatron.core.optimizer.optimizer_config import ParamKey
 
-from distill_plugins.aligners.base import LOGIT_FREE_POLICIES, recipe_problems, resolve_aligner_name
+from distill_plugins.aligners.base import LOGIT_FREE_POLICIES, recipe_problems, resolve_aligner
 from distill_plugins.aligners.vocab import as_backend, same_vocabulary
 from distill_plugins.data.alignment_collate import pair_rows
 from distill_plugins.data.iterators import _rank0_first, resolve_tokenizer
@@ -55,7 +53,7 @@ from distill_plugins.errors import RecipeError
 from distill_plugins.interfaces import AlignerInputs, Selection, TokenContext, VocabAligner
 from distill_plugins.logging import get_logger
 
-__all__ = ["AlignerRuntime", "PROJECTOR_ATTR", "resolve_aligner"]
+__all__ = ["AlignerRuntime", "PROJECTOR_ATTR"]
 
 log = get_logger(__name__)
 
@@ -64,23 +62,6 @@ PROJECTOR_ATTR = "is_distill_aligner_parameter"
 
 #: report keys of every loss-computing aligner (coverage), before its own term keys
 COVERAGE_KEYS = ("aligned", "student_targets")
-
-
-def resolve_aligner(recipe: Any) -> Any:
-    """``recipe`` with ``aligner: auto`` replaced by the registered aligner it stands for.
-
-    The one place ``auto`` is resolved: :func:`distill_plugins.recipe.validate.validate_recipe_data`
-    returns recipes already resolved; the engine calls this again only for recipes built in Python.
-    Rules: docs/aligners.md (:func:`~distill_plugins.aligners.base.resolve_aligner_name`).
-    """
-    if recipe.aligner.name != "auto":
-        return recipe
-    data = recipe.data
-    paths = [p for p in (data.tokenizer, data.teacher_tokenizer) if p]
-    readable = all(os.path.exists(p) or p.startswith("embedded:") for p in paths)
-    name = resolve_aligner_name(data.tokenizer if readable else None, data.teacher_tokenizer if readable else None,
-                                recipe.student.vocab_size, recipe.teacher.vocab_size)
-    return dataclasses.replace(recipe, aligner=dataclasses.replace(recipe.aligner, name=name))
 
 
 def _same_tokenizer(student_tok: Any, teacher_tok: Any) -> bool:

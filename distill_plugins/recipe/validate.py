@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from ..aligners.base import resolve_aligner
 from ..config import parse_dataclass, to_plain
 from ..errors import DistillError, RecipeError, RecipeWarning
 from ..logging import get_logger
@@ -104,19 +105,6 @@ def _reference_errors(recipe: Recipe) -> list[str]:
     return []
 
 
-def resolve_auto_aligner(recipe: Recipe) -> str:
-    """The registered aligner ``aligner: auto`` stands for in ``recipe`` (see docs/aligners.md)."""
-    import os
-
-    from ..aligners.base import resolve_aligner_name
-
-    data = recipe.data
-    paths = [p for p in (data.tokenizer, data.teacher_tokenizer) if p]
-    readable = all(os.path.exists(p) or p.startswith("embedded:") for p in paths)
-    return resolve_aligner_name(data.tokenizer if readable else None, data.teacher_tokenizer if readable else None,
-                                recipe.student.vocab_size, recipe.teacher.vocab_size)
-
-
 def _best_effort_recipe(prepared: dict[str, Any]) -> Recipe:
     """A recipe of the sections that parse on their own (defaults elsewhere), for structure checks.
 
@@ -167,7 +155,9 @@ def validate_recipe_data(data: dict[str, Any], host=None, source: str = "recipe"
 
     checked = recipe if recipe is not None else _best_effort_recipe(prepared)
     if checked.aligner.name == "auto":
-        resolved = resolve_auto_aligner(checked)
+        checked = resolve_aligner(checked)  # the run gets the resolved recipe: auto is resolved once
+        recipe = checked if recipe is not None else None
+        resolved = checked.aligner.name
         config, part_errors = host.registry("vocab_aligner").check_params(resolved, {}, "aligner")
         errors.extend(part_errors)
         if config is not None:
