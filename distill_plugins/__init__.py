@@ -12,6 +12,8 @@ from typing import Any
 from .errors import DistillError, InputError, PluginError, RecipeError, UnknownPartError
 from .hookspecs import hookimpl
 from .interfaces import (
+    AlignerInputs,
+    AlignerOutput,
     Objective,
     Part,
     PartConfig,
@@ -65,6 +67,8 @@ __all__ = [
     "TokenSelector",
     "UnknownPartError",
     "VocabAligner",
+    "AlignerInputs",
+    "AlignerOutput",
     "__version__",
     "build_objective",
     "build_part",
