@@ -79,6 +79,19 @@ def distill_register_vocab_aligners(register: Register) -> None:
     """
 
 
+@hookspec
+def distill_register_sequence_sources(register: Register) -> None:
+    """Register sequence sources (where each step's responses come from: data, student, teacher).
+
+    Args:
+        register: ``register(name, cls)`` where ``cls`` subclasses
+            :class:`distill_plugins.SequenceSource`.
+
+    Returns:
+        Nothing. Not firstresult: every plugin's implementation is called.
+    """
+
+
 # ---------------------------------------------------------------------------
 # Validation: called by ``distill check`` and before every run.
 # ---------------------------------------------------------------------------

@@ -402,10 +402,70 @@ class VocabAligner(Part):
         raise NotImplementedError(f"aligner {self.name or type(self).__name__!r} sets computes_loss but has no loss()")
 
 
+#: where an example's response comes from (values of :attr:`SequencePlan.origin`)
+FROM_DATASET, FROM_STUDENT, FROM_TEACHER = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How responses are sampled when a sequence source asks for generation.
+
+    Attributes:
+        temperature: softmax temperature; 0 = greedy.
+        top_p: nucleus mass kept (1 = all).
+        top_k: keep the k most likely tokens (0 = all).
+        max_new_tokens: generated tokens per response at most (stops earlier at EOS).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+
+
+@dataclass(frozen=True)
+class SequencePlan:
+    """A sequence source's decision for one microbatch.
+
+    Attributes:
+        origin: int64 ``[b]``, per example ``FROM_DATASET`` (the data's response),
+            ``FROM_STUDENT`` (sampled from the current student) or ``FROM_TEACHER``
+            (sampled from the teacher). Identical on every rank of a data-parallel
+            replica (the engine hands every rank the same generator state).
+        sampling: how generated responses are sampled.
+    """
+
+    origin: torch.Tensor
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+class SequenceSource(Part):
+    """Decides, per training example, whether its response comes from the data or is generated.
+
+    ``plan(num_examples, *, step, total_steps, generator) -> SequencePlan``. The
+    engine generates the responses the plan asks for (prompts from the batch,
+    under the student's TP/PP, eval mode, no gradient), masks the prompt, and
+    runs the usual loss on the result: objectives, selectors, temperature
+    policies and aligners see an ordinary batch. ``generator`` is a CPU
+    ``torch.Generator`` seeded from (recipe seed, step, microbatch, data-parallel
+    rank), so a plan is reproducible and resumes exactly; draw every random
+    decision from it. Sources that keep state (a replay buffer, an adaptive
+    mix) implement ``state_dict``/``load_state_dict``/``on_optimizer_step``
+    like any part.
+    """
+
+    #: whether any plan may ask for generated responses (the engine then needs instruct batches with prompts)
+    generates: ClassVar[bool] = True
+
+    def plan(self, num_examples: int, *, step: int, total_steps: int, generator: torch.Generator) -> SequencePlan:
+        raise NotImplementedError
+
+
 #: registry kind -> base class every registered part of that kind must subclass.
 PART_KINDS: dict[str, type[Part]] = {
     "objective": Objective,
     "token_selector": TokenSelector,
     "temperature_policy": TemperaturePolicy,
     "vocab_aligner": VocabAligner,
+    "sequence_source": SequenceSource,
 }

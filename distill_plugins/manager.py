@@ -40,6 +40,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "distill_plugins.builtin.selectors",
     "distill_plugins.builtin.temperature",
     "distill_plugins.builtin.aligners",
+    "distill_plugins.builtin.sequences",
 )
 
 ENTRY_POINT_GROUP = "distill_plugins"
@@ -52,6 +53,7 @@ REGISTRATION_HOOKS: dict[str, str] = {
     "distill_register_token_selectors": "token_selector",
     "distill_register_temperature_policies": "temperature_policy",
     "distill_register_vocab_aligners": "vocab_aligner",
+    "distill_register_sequence_sources": "sequence_source",
 }
 
 
@@ -70,7 +72,7 @@ class PluginInfo:
 
 
 class PluginHost:
-    """Typed facade over the pluggy manager and the four registries.
+    """Typed facade over the pluggy manager and the registries (one per kind of part).
 
     The rest of the package calls these methods and never ``pm.hook`` by string.
     """

@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_list.set_defaults(func=_cmd_plugins_list)
     p_show = plugins_sub.add_parser("show", help="a part's parameters")
     p_show.add_argument("name")
-    p_show.add_argument("--kind", choices=["objective", "token_selector", "temperature_policy", "vocab_aligner"])
+    p_show.add_argument("--kind", choices=["objective", "token_selector", "temperature_policy", "vocab_aligner",
+                                            "sequence_source"])
     p_show.add_argument("--plugin", action="append", default=[], metavar="MODULE")
     p_show.set_defaults(func=_cmd_plugins_show)
 

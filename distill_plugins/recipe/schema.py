@@ -222,6 +222,8 @@ class Recipe:
     selector: PartSpec = _help("registered token selector", default_factory=lambda: PartSpec(name="all"))
     temperature: PartSpec = _help("registered temperature policy", default_factory=lambda: PartSpec(name="constant"))
     aligner: PartSpec = _help("registered vocabulary aligner, or auto", default_factory=lambda: PartSpec(name="auto"))
+    sequences: PartSpec = _help("registered sequence source: where responses come from (dataset, on_policy, mixed, "
+                                "teacher_generated)", default_factory=lambda: PartSpec(name="dataset"))
     plugins: list[str] = _help("extra plugin modules to load (importable module names)", default_factory=list)
     device: Literal["cuda", "cpu"] = _help("cuda, or cpu for a dry run on gloo (docs/cpu_dry_run.md)", default="cuda")
     seed: int = _help("random seed", default=1234)
@@ -235,6 +237,7 @@ PART_SECTIONS: dict[str, str] = {
     "selector": "token_selector",
     "temperature": "temperature_policy",
     "aligner": "vocab_aligner",
+    "sequences": "sequence_source",
 }
 
 
