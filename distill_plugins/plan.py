@@ -1,9 +1,14 @@
 """The planner behind ``distill plan``: will this recipe run on this cluster, and in how much memory?
 
 Design: pure arithmetic on model shapes, no torch and no weights. Shapes come from
-a model's ``hf`` directory's ``config.json`` when the directory exists, otherwise
-from the shape keys in the recipe (so cluster recipes can be planned on a laptop).
-Every formula is written out in docs/planner.md; the ones used here are:
+the model's source when its directory exists on this machine, read by
+:func:`distill_plugins.models.resolve.resolve_model` (``hf:`` config.json through the
+one HF-config parser that ``distill check`` and ``distill run`` use, so the planner
+refuses exactly what they refuse; ``megatron:`` / ``checkpoint:``
+``distill_model.json``), otherwise from the shape keys in the recipe with a warning
+(so cluster recipes can be planned on a laptop). Loading a recipe for planning is
+the CLI's job (:mod:`distill_plugins.cli.plan`). Every formula is written out in
+docs/planner.md; the ones used here are:
 
 * parameters per GPU: tensor-parallel matrices divided by TP, norms (and
   row-parallel biases) replicated; layers split evenly over PP stages; the
@@ -29,22 +34,19 @@ transient all-gathers are not counted; keep a margin of a few GiB.
 
 Usage::
 
-    report = plan_recipe("recipes/cluster/x.yaml", nodes=2, gpus_per_node=8)
+    report = plan(recipe, nodes=2, gpus_per_node=8)   # recipe: cli.plan.load_for_plan(path)
     print(report.format())
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shlex
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from .config import parse_dataclass
 from .errors import DistillError, RecipeError
-from .recipe.schema import PART_SECTIONS, ModelSpec, Recipe, padded_vocab_size
+from .models.resolve import resolve_model, source_kind, source_missing
+from .recipe.schema import ModelSpec, Recipe, padded_vocab_size
 from .shapes import TransformerShape, shape_keys
 
 GIB = 1 << 30
@@ -71,7 +73,7 @@ class ModelShape(TransformerShape):
     Attributes:
         role: recipe section (``student``, ``teacher``, ``reference``).
         arch: ``llama`` or ``gpt2``.
-        source: where the shape was read: ``recipe`` or ``<dir>/config.json``.
+        source: where the shape was read: ``recipe``, ``<dir>/config.json`` or ``<dir>/distill_model.json``.
     """
 
     role: str
@@ -79,47 +81,28 @@ class ModelShape(TransformerShape):
     source: str = "recipe"
 
 
-def _from_hf_config(role: str, config: dict, path: Path) -> ModelShape:
-    model_type = config.get("model_type", "llama")
-    if model_type == "gpt2":
-        h = config["n_embd"]
-        return ModelShape(role=role, arch="gpt2", num_layers=config["n_layer"], hidden_size=h,
-                          ffn_hidden_size=config.get("n_inner") or 4 * h, num_attention_heads=config["n_head"],
-                          num_query_groups=config["n_head"], vocab_size=config["vocab_size"],
-                          max_position_embeddings=config.get("n_positions", 1024), tie_embeddings=True,
-                          add_qkv_bias=True, source=f"{path}/config.json")
-    heads = config["num_attention_heads"]
-    return ModelShape(
-        role=role, arch="llama", num_layers=config["num_hidden_layers"], hidden_size=config["hidden_size"],
-        ffn_hidden_size=config["intermediate_size"], num_attention_heads=heads,
-        num_query_groups=config.get("num_key_value_heads") or heads, vocab_size=config["vocab_size"],
-        max_position_embeddings=config.get("max_position_embeddings", 2048),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        add_qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
-        source=f"{path}/config.json")
-
-
 def resolve_shape(role: str, spec: ModelSpec, warnings: list[str]) -> ModelShape:
-    """The shape of ``spec``: from ``<hf>/config.json`` when present, else from the recipe's keys.
+    """The shape of ``spec``: from its source's config file when the directory exists, else the recipe's keys.
 
-    Appends ``model directory X not found; using the shape keys from the recipe``
-    (or the config.json variant) to ``warnings`` when it falls back.
+    Appends ``<role>: model directory X not found; using the shape keys from the
+    recipe`` to ``warnings`` when it falls back, and the source's notes (an HF
+    sliding window) when it does not.
 
     Raises:
-        RecipeError: when the recipe gives no vocab_size and there is no config to read it from.
+        RecipeError: the source's config is missing, invalid or refused (the same
+            message as ``distill run``'s), or the recipe gives no vocab_size and there
+            is no config to read it from.
     """
-    if spec.hf:
-        path = Path(spec.hf).expanduser()
-        config_file = path / "config.json"
-        if config_file.is_file():
-            try:
-                return _from_hf_config(role, json.loads(config_file.read_text()), path)
-            except (KeyError, ValueError) as exc:
-                raise RecipeError(f"{role}.hf: cannot read the model shape from {config_file}: {exc!r}") from exc
-        if not path.is_dir():
-            warnings.append(f"{role}: model directory {spec.hf} not found; using the shape keys from the recipe")
-        else:
-            warnings.append(f"{role}: no config.json in {spec.hf}; using the shape keys from the recipe")
+    missing = source_missing(spec)
+    if missing is not None:
+        warnings.append(f"{role}: model directory {missing} not found; using the shape keys from the recipe")
+    elif source_kind(spec) is not None:
+        try:
+            model = resolve_model(spec)
+        except DistillError as exc:
+            raise RecipeError(f"{role}.{source_kind(spec)[0]}: {exc}") from exc
+        warnings.extend(f"{role}: {note}" for note in model.notes)
+        return ModelShape(role=role, arch=model.spec.arch, **shape_keys(model.spec), source=model.config_file)
     if spec.vocab_size is None:
         raise RecipeError(f"{role}.vocab_size is not set: give it in the recipe (the tokenizer's size) "
                           f"so the planner can size the embedding and the logits")
@@ -562,46 +545,3 @@ def suggest_layout(recipe: Recipe, shapes: Sequence[ModelShape], current: Layout
         return None
     _, lay, mem = min(found, key=lambda item: item[0])
     return lay, mem
-
-
-# ---------------------------------------------------------------------------
-# Loading a recipe for planning
-# ---------------------------------------------------------------------------
-
-
-def load_for_plan(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
-    """Read ``path`` with ``overrides`` and check it against the schema, for planning.
-
-    Only the schema is checked (types, ranges, unknown keys), not the parts'
-    registration or parameters: a recipe naming a plugin that is installed on the
-    cluster only can still be planned on a laptop (``distill check`` validates the
-    rest). The layout's divisibility is the planner's own check, so a layout that
-    does not divide is reported with a suggestion instead of a bare error.
-    """
-    from .recipe.load import load_recipe_data, normalize_part
-
-    data = load_recipe_data(path, overrides)
-    errors: list[str] = []
-    prepared = dict(data)
-    for section in PART_SECTIONS:
-        if section in prepared:
-            value = normalize_part(prepared[section])
-            if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-                errors.append(f"{section}: expected a registered name or a mapping with a 'name' key, "
-                              f"got {prepared[section]!r}")
-                prepared.pop(section)
-                continue
-            prepared[section] = {"name": value["name"], "params": {k: v for k, v in value.items() if k != "name"}}
-    recipe, schema_errors = parse_dataclass(Recipe, prepared, "recipe")
-    errors.extend(e.removeprefix("recipe: ").removeprefix("recipe.") for e in schema_errors)
-    if errors:
-        raise RecipeError(errors)
-    return recipe
-
-
-def plan_recipe(path: str | os.PathLike, *, nodes: int, gpus_per_node: int, gpu_memory_gb: float = 80.0,
-                overrides: Sequence[str] = (), flash_attention: bool = True) -> PlanReport:
-    """:func:`load_for_plan` then :func:`plan`."""
-    recipe = load_for_plan(path, overrides)
-    return plan(recipe, nodes=nodes, gpus_per_node=gpus_per_node, gpu_memory_gb=gpu_memory_gb,
-                recipe_path=str(path), overrides=overrides, flash_attention=flash_attention)

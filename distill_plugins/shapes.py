@@ -10,7 +10,7 @@ mapping need. Two records extend it:
 
 * :class:`distill_plugins.plan.ModelShape` adds the recipe role and where the
   shape came from (``distill plan``);
-* :class:`distill_plugins.models.hf_import.HFArchitecture` adds the HF family
+* :class:`distill_plugins.models.hf_config.HFArchitecture` adds the HF family
   and the settings the conversion needs (RoPE base, epsilon, dtype, ...).
 
 Pure Python, no torch: ``distill plan`` imports it on a laptop.

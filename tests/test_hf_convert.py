@@ -96,9 +96,10 @@ def convert_body(rank, world_size, root, ids):
     from distill_plugins.engine import process_groups as dps
     from distill_plugins.engine.cpu import enable_cpu_mode
     from distill_plugins.models.hf_export import export_hf, export_megatron_checkpoint
-    from distill_plugins.models.hf_import import import_hf_model, read_hf_config
-    from distill_plugins.models.megatron_ckpt import (load_megatron_checkpoint, read_checkpoint_spec,
-                                                        save_megatron_checkpoint)
+    from distill_plugins.models.checkpoint_meta import read_checkpoint_spec
+    from distill_plugins.models.hf_config import read_hf_config
+    from distill_plugins.models.hf_import import import_hf_model
+    from distill_plugins.models.megatron_ckpt import load_megatron_checkpoint, save_megatron_checkpoint
     from distill_plugins.models.build import build_gpt_model
     from distill_plugins.recipe.schema import ParallelSpec
 

@@ -13,9 +13,10 @@ pytest.importorskip("safetensors")
 
 from distill_plugins.errors import DistillError  # noqa: E402
 from distill_plugins.models.hf_export import megatron_to_hf  # noqa: E402
-from distill_plugins.models.hf_import import (  # noqa: E402
-    SUPPORTED_FAMILIES, HFArchitecture, HFCheckpoint, hf_tensor_shapes, local_ranges, partition_dim,
-    read_hf_config, read_local, resolve_model_spec, tensor_pieces)
+from distill_plugins.models.hf_config import SUPPORTED_FAMILIES, HFArchitecture, read_hf_config  # noqa: E402
+from distill_plugins.models.hf_import import HFCheckpoint, read_local  # noqa: E402
+from distill_plugins.models.hf_mapping import hf_tensor_shapes, local_ranges, partition_dim, tensor_pieces  # noqa: E402
+from distill_plugins.models.resolve import resolve_model_spec  # noqa: E402
 from distill_plugins.models.model_info import count_parameters, describe_model, vocab_mismatch_error  # noqa: E402
 from distill_plugins.recipe.schema import ModelSpec, ParallelSpec  # noqa: E402
 

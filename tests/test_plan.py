@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from distill_plugins.cli import main
+from distill_plugins.cli.plan import plan_recipe
 from distill_plugins.errors import RecipeError
 from distill_plugins.manager import NO_ENTRY_POINTS_ENV
-from distill_plugins.plan import (
-    GIB, ModelShape, activation_bytes_per_layer, padded_vocab_size, plan_recipe, total_params)
+from distill_plugins.plan import GIB, ModelShape, activation_bytes_per_layer, padded_vocab_size, total_params
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "recipes/cluster"

@@ -7,11 +7,28 @@ recipe's does not, and prints the sbatch command to run.
 
 Exit codes: 0 the layout is valid and fits; 2 it is refused or over memory (or the
 recipe is invalid). The report goes to stdout either way.
+
+Loading for planning (:func:`load_for_plan`) checks the schema only, not the
+parts' registration: a recipe naming a plugin installed on the cluster only can
+be planned on a laptop. The arithmetic is :mod:`distill_plugins.plan`'s.
+
+Usage::
+
+    report = plan_recipe("recipes/cluster/x.yaml", nodes=2, gpus_per_node=8)
+    print(report.format())
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+from typing import Sequence
+
+from distill_plugins.config import parse_dataclass
+from distill_plugins.errors import RecipeError
+from distill_plugins.plan import PlanReport, plan
+from distill_plugins.recipe.load import load_recipe_data, normalize_part
+from distill_plugins.recipe.schema import PART_SECTIONS, Recipe
 
 EXIT_OK, EXIT_REFUSED = 0, 2
 
@@ -57,10 +74,47 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_plan(args: argparse.Namespace) -> int:
     """Handler: print the report; 0 when valid and fitting, 2 otherwise."""
-    from distill_plugins.plan import plan_recipe
-
     report = plan_recipe(args.recipe, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                          gpu_memory_gb=args.gpu_memory_gb, overrides=args.overrides,
                          flash_attention=args.attention == "flash")
     print(report.format())
     return EXIT_OK if report.ok else EXIT_REFUSED
+
+
+def load_for_plan(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
+    """Read ``path`` with ``overrides`` and check it against the schema, for planning.
+
+    Only the schema is checked (types, ranges, unknown keys), not the parts'
+    registration or parameters: a recipe naming a plugin that is installed on the
+    cluster only can still be planned on a laptop (``distill check`` validates the
+    rest). The layout's divisibility is the planner's own check, so a layout that
+    does not divide is reported with a suggestion instead of a bare error.
+
+    Raises:
+        RecipeError: every schema error, one line each.
+    """
+    data = load_recipe_data(path, overrides)
+    errors: list[str] = []
+    prepared = dict(data)
+    for section in PART_SECTIONS:
+        if section in prepared:
+            value = normalize_part(prepared[section])
+            if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+                errors.append(f"{section}: expected a registered name or a mapping with a 'name' key, "
+                              f"got {prepared[section]!r}")
+                prepared.pop(section)
+                continue
+            prepared[section] = {"name": value["name"], "params": {k: v for k, v in value.items() if k != "name"}}
+    recipe, schema_errors = parse_dataclass(Recipe, prepared, "recipe")
+    errors.extend(e.removeprefix("recipe: ").removeprefix("recipe.") for e in schema_errors)
+    if errors:
+        raise RecipeError(errors)
+    return recipe
+
+
+def plan_recipe(path: str | os.PathLike, *, nodes: int, gpus_per_node: int, gpu_memory_gb: float = 80.0,
+                overrides: Sequence[str] = (), flash_attention: bool = True) -> PlanReport:
+    """:func:`load_for_plan` then :func:`distill_plugins.plan.plan`."""
+    recipe = load_for_plan(path, overrides)
+    return plan(recipe, nodes=nodes, gpus_per_node=gpus_per_node, gpu_memory_gb=gpu_memory_gb,
+                recipe_path=str(path), overrides=overrides, flash_attention=flash_attention)

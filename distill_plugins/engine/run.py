@@ -7,7 +7,7 @@ this process:
 
 1. CPU layer on when ``device: cpu`` or ``--cpu`` (:mod:`.cpu`);
 2. model specs completed from ``hf:`` / ``megatron:`` checkpoints
-   (``hf_import.resolve_model_spec``), the real vocabulary resolved (recipe,
+   (``models.resolve.resolve_model_spec``), the real vocabulary resolved (recipe,
    else tokenizer);
 3. torch.distributed + megatron parallel state (:mod:`.parallel_state`);
 4. objective, selector and temperature policy built through the host
@@ -56,7 +56,7 @@ REQUEUE_MARKER_ENV = "DISTILL_REQUEUE_MARKER"
 def resolve_specs(recipe: Recipe) -> Recipe:
     """``recipe`` with student/teacher shape keys read from their ``hf:``/``megatron:`` checkpoints."""
     try:
-        from distill_plugins.models.hf_import import resolve_model_spec
+        from distill_plugins.models.resolve import resolve_model_spec
     except ImportError:  # pragma: no cover - HF import module absent
         return recipe
     return dataclasses.replace(recipe, student=resolve_model_spec(recipe.student),

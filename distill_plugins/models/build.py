@@ -63,9 +63,15 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel, gpt_layer_specs
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from distill_plugins.errors import DistillError, RecipeError
+from distill_plugins.models.hf_mapping import partition_dim
 from distill_plugins.recipe.schema import ModelSpec, ParallelSpec, padded_vocab_size
 from distill_plugins.shapes import ffn_hidden_size
 
@@ -83,6 +89,7 @@ __all__ = [
     "shard_full_tensor",
     "load_full_state_dict",
     "full_state_dict_shapes",
+    "ensure_tp_attributes",
     "init_deterministic",
     "te_available",
     "gelu_tanh",
@@ -117,6 +124,7 @@ def pipeline_layer_split(num_layers: int, pipeline: int, *, who: str = "model") 
 def te_available() -> bool:
     """Whether transformer-engine's PyTorch extension imports (lazy; False on failure)."""
     try:
+        # optional extra [gpu]: transformer-engine is probed only when a model is built for GPUs
         import transformer_engine.pytorch  # noqa: F401
     except Exception:  # ImportError, or a broken CUDA install raising OSError/RuntimeError
         return False
@@ -143,8 +151,6 @@ def transformer_config(
     models); fused kernels are off unless ``use_te``. ``overrides`` are passed
     to ``TransformerConfig`` last (e.g. ``calculate_per_token_loss=True``).
     """
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     if precision not in _DTYPES:
         raise RecipeError(f"training.precision={precision!r}: expected one of {sorted(_DTYPES)}")
     dtype = _DTYPES[precision]
@@ -196,8 +202,6 @@ def transformer_config(
 
 def layer_spec(spec: ModelSpec, *, use_te: bool):
     """megatron ``ModuleSpec`` of one transformer layer: TE spec if ``use_te``, else the local spec."""
-    from megatron.core.models.gpt import gpt_layer_specs
-
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     norm = "RMSNorm" if spec.arch == "llama" else "LayerNorm"
@@ -285,9 +289,6 @@ def build_gpt_model(
         RecipeError: unknown vocabulary size, too few layers for the pipeline,
             a shape megatron rejects (e.g. heads not divisible by TP).
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-
     vocab = vocab_size if vocab_size is not None else spec.vocab_size
     if vocab is None:
         raise RecipeError(f"{who}.vocab_size is unknown: set {who}.vocab_size or data.tokenizer")
@@ -441,6 +442,22 @@ def full_state_dict_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]
     return out
 
 
+def ensure_tp_attributes(model: torch.nn.Module) -> None:
+    """Set megatron's ``tensor_model_parallel``/``partition_dim``/``partition_stride`` where missing.
+
+    megatron sets them in its weight initialiser, which ``perform_initialization=False``
+    (used when weights are loaded anyway: HF import, megatron checkpoints) skips;
+    gradient clipping, the optimizer and :func:`full_state_dict_shapes` read them. The
+    dimension comes from the parameter's name
+    (:func:`~distill_plugins.models.hf_mapping.partition_dim`).
+    """
+    gated = bool(getattr(getattr(model, "config", None), "gated_linear_unit", False))
+    for name, param in model.named_parameters():
+        dim = partition_dim(canonical_name(name))
+        if dim is not None and not hasattr(param, "partition_dim"):
+            set_tensor_model_parallel_attributes(param, True, dim, 2 if gated and "linear_fc1" in name else 1)
+
+
 FullWeights = Union[Mapping[str, torch.Tensor], Callable[[str, tuple], Optional[torch.Tensor]]]
 
 
@@ -524,13 +541,9 @@ def gather_full_tensors(model: torch.nn.Module, tensors: Optional[Mapping[str, t
     Returns:
         full name -> full tensor (vocabulary rows cut to the real vocabulary), on every TP rank.
     """
-    import torch.distributed as dist
-
     model = _unwrap(model)
     layout = model_layout(model)
     if tp_group is None and layout.tp_size > 1:
-        from megatron.core import parallel_state as ps
-
         tp_group = ps.get_tensor_model_parallel_group()
     tied = bool(getattr(model, "share_embeddings_and_output_weights", False))
     gated = bool(getattr(model.config, "gated_linear_unit", False))

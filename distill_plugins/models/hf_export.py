@@ -3,7 +3,7 @@
 Design
 ------
 The inverse of :mod:`distill_plugins.models.hf_import`, driven by the same
-:func:`~distill_plugins.models.hf_import.tensor_pieces` mapping:
+:func:`~distill_plugins.models.hf_mapping.tensor_pieces` mapping:
 
 1. **Gather over TP** (:func:`gather_full_tensor`): each parameter's shards are
    all-gathered over the tensor-parallel group and joined along megatron's
@@ -40,7 +40,8 @@ import torch.distributed as dist
 
 from distill_plugins.errors import DistillError
 from distill_plugins.logging import get_logger
-from distill_plugins.models.hf_import import HFArchitecture, hf_tensor_shapes, partition_dim, tensor_pieces
+from distill_plugins.models.hf_config import HFArchitecture
+from distill_plugins.models.hf_mapping import hf_tensor_shapes, partition_dim, tensor_pieces
 
 __all__ = ["TOKENIZER_FILES", "gather_full_tensor", "megatron_to_hf", "export_hf", "export_megatron_checkpoint"]
 
@@ -273,7 +274,8 @@ def export_megatron_checkpoint(checkpoint: str, out_dir: str, *, family: Optiona
     from megatron.core import parallel_state as ps
 
     from distill_plugins.recipe.schema import ParallelSpec
-    from distill_plugins.models.megatron_ckpt import load_megatron_checkpoint, read_checkpoint_meta
+    from distill_plugins.models.checkpoint_meta import read_checkpoint_meta
+    from distill_plugins.models.megatron_ckpt import load_megatron_checkpoint
     from distill_plugins.models.build import build_gpt_model
 
     meta = read_checkpoint_meta(checkpoint)

@@ -7,9 +7,11 @@ Saving uses the model's ``sharded_state_dict()`` and
 global shape and each rank's offsets, so loading under another TP/PP is
 megatron's resharding (``dist_checkpointing.load`` reads the overlapping parts
 of the saved shards for each rank's ``sharded_state_dict()``). Beside the
-weights, rank 0 writes ``distill_model.json``: the :class:`ModelSpec`, the real
-and padded vocabulary and the layout it was saved with. ``distill check`` and
-``teacher: {megatron: path}`` read only that file to learn the model's shape.
+weights, rank 0 writes ``distill_model.json``
+(:mod:`distill_plugins.models.checkpoint_meta`): the :class:`ModelSpec`, the real
+and padded vocabulary and the layout it was saved with. ``distill check``,
+``distill plan`` and ``megatron:`` / ``checkpoint:`` model specs read only that
+file to learn the model's shape.
 
 One thing megatron does not reshard: the *padded* vocabulary depends on TP
 (``ceil(V / (divisor * TP)) * divisor * TP``), so the embedding and output
@@ -23,16 +25,16 @@ Accepted paths: a ``dist_checkpointing`` directory (``metadata.json`` +
 (``step_N/``) that holds one in ``model_dist/``.
 
 Limits: checkpoints written by Megatron-LM's ``pretrain_gpt.py`` have no
-``distill_model.json``; write one by hand (format: :class:`CheckpointMeta`) to
-use them. The TE and local layer specs share the same sharded keys (megatron
+``distill_model.json``; write one by hand (format:
+:class:`~distill_plugins.models.checkpoint_meta.CheckpointMeta`) to use them. The TE and local layer specs share the same sharded keys (megatron
 maps the fused-norm names), so either can load the other's checkpoint.
 
 Usage::
 
     save_megatron_checkpoint(model, "ckpt/teacher")            # collective
     ...                                                        # later, any TP/PP
-    spec = read_checkpoint_spec("ckpt/teacher")
-    model = models.build_gpt_model(spec, parallel, cpu=True)
+    spec = checkpoint_meta.read_checkpoint_spec("ckpt/teacher")
+    model = build.build_gpt_model(spec, parallel, cpu=True)
     load_megatron_checkpoint(model, "ckpt/teacher")            # collective
 """
 
@@ -40,115 +42,31 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import queue
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from distill_plugins.errors import DistillError
 from distill_plugins.logging import get_logger
-from distill_plugins.recipe.schema import ModelSpec
+from distill_plugins.models.build import ensure_tp_attributes, model_layout
+from distill_plugins.models.checkpoint_meta import CheckpointMeta, resolve_checkpoint_dir, write_meta_file
 
-__all__ = ["META_FILE", "CheckpointMeta", "save_megatron_checkpoint", "load_megatron_checkpoint",
-           "read_checkpoint_meta", "read_checkpoint_spec", "resolve_checkpoint_dir"]
+try:  # the module of megatron's async-writer results queue; its layout changed across megatron-core releases
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as _filesystem_async
+except ImportError:  # pragma: no cover - layout of older megatron-core
+    _filesystem_async = None
+
+__all__ = ["save_megatron_checkpoint", "load_megatron_checkpoint", "write_checkpoint_meta",
+           "in_process_results_queue"]
 
 log = get_logger(__name__)
 
-META_FILE = "distill_model.json"
 _VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
-
-
-@dataclass(frozen=True)
-class CheckpointMeta:
-    """What ``distill_model.json`` records.
-
-    Attributes:
-        spec: the model spec (shape keys; ``hf``/``megatron``/``checkpoint`` cleared).
-        vocab_size: real vocabulary.
-        padded_vocab_size: embedding rows as saved.
-        make_vocab_size_divisible_by: the divisor used for padding.
-        tensor, pipeline: layout it was saved with (informational).
-        precision: ``fp32``/``bf16``/``fp16`` of the saved parameters.
-        family: HF family to export to (``llama``, ``mistral``, ``qwen2``, ``gpt2``) if known.
-    """
-
-    spec: ModelSpec
-    vocab_size: int
-    padded_vocab_size: int
-    make_vocab_size_divisible_by: int = 128
-    tensor: int = 1
-    pipeline: int = 1
-    precision: str = "fp32"
-    family: Optional[str] = None
-
-    def to_json(self) -> dict[str, Any]:
-        spec = {f.name: getattr(self.spec, f.name) for f in dataclasses.fields(self.spec)}
-        spec.update(hf=None, megatron=None, checkpoint=None)
-        return {"format": 1, "spec": spec, "vocab_size": self.vocab_size, "padded_vocab_size": self.padded_vocab_size,
-                "make_vocab_size_divisible_by": self.make_vocab_size_divisible_by, "tensor": self.tensor,
-                "pipeline": self.pipeline, "precision": self.precision, "family": self.family}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any], where: str) -> "CheckpointMeta":
-        from distill_plugins.config import parse_dataclass
-
-        spec, errors = parse_dataclass(ModelSpec, data.get("spec", {}), f"{where}: spec")
-        if errors:
-            raise DistillError(f"{where}: invalid model spec: " + "; ".join(errors))
-        try:
-            return cls(spec=spec, vocab_size=int(data["vocab_size"]), padded_vocab_size=int(data["padded_vocab_size"]),
-                       make_vocab_size_divisible_by=int(data.get("make_vocab_size_divisible_by", 128)),
-                       tensor=int(data.get("tensor", 1)), pipeline=int(data.get("pipeline", 1)),
-                       precision=str(data.get("precision", "fp32")), family=data.get("family"))
-        except KeyError as exc:
-            raise DistillError(f"{where}: missing key {exc}") from exc
-
-
-def resolve_checkpoint_dir(path: str) -> str:
-    """The ``dist_checkpointing`` directory for ``path`` (itself, or its ``model_dist/``).
-
-    Raises:
-        DistillError: ``path`` is neither.
-    """
-    if not os.path.isdir(path):
-        raise DistillError(f"megatron checkpoint {path!r} does not exist")
-    sub = os.path.join(path, "model_dist")
-    if os.path.isdir(sub):
-        return sub
-    if os.path.isfile(os.path.join(path, "metadata.json")) and any(
-            n.endswith(".distcp") or n == "common.pt" for n in os.listdir(path)):
-        return path
-    raise DistillError(f"{path!r} is not a megatron dist_checkpointing directory (no metadata.json + *.distcp) "
-                       "and has no model_dist/ subdirectory")
-
-
-def read_checkpoint_meta(path: str) -> CheckpointMeta:
-    """Read ``distill_model.json`` of a checkpoint (the dist directory or its parent run checkpoint).
-
-    Reads no weights.
-    """
-    candidates = [os.path.join(path, META_FILE)]
-    try:
-        candidates.append(os.path.join(resolve_checkpoint_dir(path), META_FILE))
-    except DistillError:
-        pass
-    for cand in candidates:
-        if os.path.isfile(cand):
-            with open(cand, encoding="utf-8") as fh:
-                return CheckpointMeta.from_json(json.load(fh), cand)
-    raise DistillError(f"megatron checkpoint {path!r} has no {META_FILE}: it was not written by "
-                       "distill_plugins.models.megatron_ckpt.save_megatron_checkpoint; add the file by hand "
-                       "(see docs/models.md) so its shape is known")
-
-
-def read_checkpoint_spec(path: str) -> ModelSpec:
-    """The :class:`ModelSpec` saved with a checkpoint (``vocab_size`` set to the real vocabulary)."""
-    meta = read_checkpoint_meta(path)
-    return dataclasses.replace(meta.spec, vocab_size=meta.vocab_size)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -166,12 +84,8 @@ def in_process_results_queue():
     process, so a plain queue does; starting the Manager costs seconds per
     process (a fresh interpreter importing torch). The original is restored.
     """
-    try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
-    except ImportError:  # pragma: no cover - layout of older megatron-core
-        yield
-        return
-    if getattr(fa, "_results_queue", "absent") is not None:
+    fa = _filesystem_async
+    if fa is None or getattr(fa, "_results_queue", "absent") is not None:
         yield
         return
     fa._results_queue = queue.Queue()
@@ -188,8 +102,6 @@ def write_checkpoint_meta(model: torch.nn.Module, path: str, *, make_vocab_size_
     Called by :func:`save_megatron_checkpoint` and by the engine after each run
     checkpoint, so ``distill export`` and ``teacher: {megatron: ...}`` know the shape.
     """
-    from distill_plugins.models.build import model_layout
-
     inner = _unwrap(model)
     layout = model_layout(inner)
     if precision is None:
@@ -200,11 +112,7 @@ def write_checkpoint_meta(model: torch.nn.Module, path: str, *, make_vocab_size_
                           vocab_size=layout.vocab_size, padded_vocab_size=layout.padded_vocab_size,
                           make_vocab_size_divisible_by=make_vocab_size_divisible_by, tensor=layout.tp_size,
                           pipeline=layout.pp_size, precision=precision, family=family)
-    target = os.path.join(path, META_FILE)
-    with open(target + ".tmp", "w", encoding="utf-8") as fh:
-        json.dump(meta.to_json(), fh, indent=2)
-    os.replace(target + ".tmp", target)
-    return target
+    return write_meta_file(meta, path)
 
 
 def save_megatron_checkpoint(model: torch.nn.Module, path: str, *, make_vocab_size_divisible_by: int = 128,
@@ -218,10 +126,6 @@ def save_megatron_checkpoint(model: torch.nn.Module, path: str, *, make_vocab_si
         precision: recorded precision; default from the parameters' dtype.
         family: HF family to export to later (recorded).
     """
-    from megatron.core import dist_checkpointing
-
-    from distill_plugins.models.build import model_layout
-
     inner = _unwrap(model)
     layout = model_layout(inner)
     rank0 = (not dist.is_initialized()) or dist.get_rank() == 0
@@ -248,11 +152,6 @@ def load_megatron_checkpoint(model: torch.nn.Module, path: str, *, strict: bool 
             the model's (named, with both shapes) other than the vocabulary
             padding; or megatron's load failing (its message is kept).
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    from distill_plugins.models.build import model_layout
-
     ckpt_dir = resolve_checkpoint_dir(path)
     inner = _unwrap(model)
     layout = model_layout(inner)
@@ -297,7 +196,5 @@ def load_megatron_checkpoint(model: torch.nn.Module, path: str, *, strict: bool 
         state[name] = out
         del full
     inner.load_state_dict(state, strict=strict)
-    from distill_plugins.models.hf_import import ensure_tp_attributes
-
     ensure_tp_attributes(inner)
     log.info("loaded megatron checkpoint %s (TP=%d, PP=%d)", ckpt_dir, layout.tp_size, layout.pp_size)

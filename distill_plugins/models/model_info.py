@@ -3,8 +3,9 @@
 Design
 ------
 :func:`describe_model` resolves a :class:`~distill_plugins.recipe.schema.ModelSpec`
-(``hf:`` -> ``config.json``; ``megatron:`` -> ``distill_model.json``; inline
-specs as written) into a :class:`ModelInfo`: family, architecture, shape,
+with :func:`distill_plugins.models.resolve.resolve_model` (``hf:`` -> ``config.json``
+through the one HF-config parser; ``megatron:`` / ``checkpoint:`` ->
+``distill_model.json``; inline specs as written) into a :class:`ModelInfo`: family, architecture, shape,
 parameter count (computed from the shapes, in the Hugging Face convention: real
 vocabulary, tied embeddings counted once) and the padded vocabulary megatron
 will use under the recipe's ``parallel`` section. No weights are read and no
@@ -24,6 +25,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from distill_plugins.models.resolve import resolve_model
 from distill_plugins.recipe.schema import ModelSpec, ParallelSpec, padded_vocab_size
 from distill_plugins.shapes import ffn_hidden_size
 
@@ -111,23 +113,8 @@ def describe_model(spec: ModelSpec, parallel: ParallelSpec, *, role: str = "mode
     Raises:
         DistillError: unreadable or unsupported config (message names the file).
     """
-    from distill_plugins.models.hf_import import read_hf_config, resolve_model_spec
-
-    family = spec.arch
-    if spec.hf:
-        source = f"hf:{spec.hf}"
-        family = read_hf_config(spec.hf).family
-        resolved = resolve_model_spec(spec)
-    elif spec.megatron:
-        from distill_plugins.models.megatron_ckpt import read_checkpoint_meta
-
-        source = f"megatron:{spec.megatron}"
-        meta = read_checkpoint_meta(spec.megatron)
-        resolved = resolve_model_spec(spec)
-        family = meta.family or ("gpt2" if resolved.arch == "gpt2" else ("qwen2" if resolved.add_qkv_bias else "llama"))
-    else:
-        source = f"checkpoint:{spec.checkpoint}" if spec.checkpoint else "inline"
-        resolved = spec
+    model = resolve_model(spec)
+    resolved, family, source = model.spec, model.family, model.source
     vocab = resolved.vocab_size if resolved.vocab_size is not None else vocab_size
     if vocab is not None and resolved.vocab_size is None:
         resolved = dataclasses.replace(resolved, vocab_size=vocab)
