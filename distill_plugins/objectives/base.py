@@ -24,6 +24,31 @@ columns are exactly zero.
 Input validation that needs the data (NaN, +inf, a row with no finite real
 logit) is folded into the MAX all-reduce as flag columns, so every rank of the
 TP group raises the same :class:`~distill_plugins.errors.InputError` together.
+
+Fused output layer: the chunk contract
+--------------------------------------
+:mod:`distill_plugins.objectives.fused` computes the logits chunk by chunk from
+the hidden states (``[R, V_local]`` slices of ``h W^T``, ``R`` whole token rows
+of the rank's shard) and calls the objective on each chunk through
+:meth:`~distill_plugins.Objective.loss_and_grad`, which returns the chunk's
+per-row losses ``[R]`` and ``d(sum_i w_i loss_i) / d student_logits`` for the
+given row weights ``w`` (``kd_weight``, times ``tau_i**2`` when the temperature
+policy asks for it). Because a chunk holds complete rows, the per-row global
+statistics (maxima, sums of exponentials, weighted sums over the whole padded
+vocabulary) are complete after the objective's own per-token all-reduces inside
+that call; no statistics cross chunks. What an objective promises by setting
+``supports_fused_output_layer = True`` is row independence under chunking:
+
+* the loss and gradient of row ``i`` depend only on row ``i`` (and ``tau_i``),
+  so calls on the chunks of a partition of the rows equal one call on all rows;
+* every TP rank calls it with the same chunks in the same order (collectives
+  inside a call are fine: a few fp32 scalars per token, as here);
+* it keeps no per-call state (a counter advanced per call would differ between
+  the paths).
+
+Every objective here keeps it (:class:`VocabParallelObjective` sets the flag;
+TAID sets it too); ``check_objective_contract`` compares the fused path with
+the materialised one for any objective that claims it.
 """
 
 from __future__ import annotations
@@ -252,6 +277,9 @@ class VocabParallelObjective(Objective):
 
     #: fp32 elements per row chunk; lower it to trade speed for memory.
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+
+    #: rows are independent (module docstring, "the chunk contract"): runs on the fused output layer.
+    supports_fused_output_layer = True
 
     def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                  temperature: Temperature = 1.0, tp_group: Any = None,

@@ -186,6 +186,9 @@ class TAID(Objective):
 
     _STATE_KEYS = ("t", "momentum", "prev_loss", "step")
 
+    #: rows are independent and t changes only in on_optimizer_step: runs on the fused output layer.
+    supports_fused_output_layer = True
+
     def __init__(self, config: Optional[PartConfig] = None):
         super().__init__(config)
         self.t: float = float(self.config.t_start)

@@ -12,7 +12,13 @@ An objective (see :class:`distill_plugins.Objective`) promises that
   zero gradient;
 * a float temperature and a ``[N]`` tensor of the same values agree;
 * TP=1 and TP=2 (the vocabulary split over two real gloo processes) agree in
-  value and gradient.
+  value and gradient;
+* when it claims ``supports_fused_output_layer``: on the fused output layer
+  (logits computed chunk by chunk from hidden states, a chunk size that does not
+  divide the row count, per-token temperatures with ``tau**2`` row weights, some
+  rows not kept) the loss and the gradients with respect to the hidden states and
+  the output-layer weight equal the materialised path's, at TP=1 and TP=2
+  (:func:`check_fused_contract`).
 
 Usage in a plugin's test suite::
 
@@ -34,8 +40,9 @@ from typing import Any, Optional
 import torch
 
 from distill_plugins.interfaces import Objective
+from distill_plugins.objectives.fused import fused_output_layer_loss, replicated_input
 
-__all__ = ["check_objective_contract"]
+__all__ = ["check_fused_contract", "check_objective_contract"]
 
 
 def _build(cls_or_instance: Any, params: dict) -> Objective:
@@ -72,14 +79,102 @@ def _close(x: torch.Tensor, y: torch.Tensor, atol: float, what: str) -> None:
 
 
 def _tp_worker(rank: int, world_size: int, cls: type, config: Any, s: torch.Tensor, t: torch.Tensor,
-               tau: torch.Tensor, vocab_size: Optional[int]):
+               tau: torch.Tensor, vocab_size: Optional[int], fused_case: Optional[dict] = None):
     group = torch.distributed.group.WORLD
     v_local = s.shape[1] // world_size
     cols = slice(rank * v_local, (rank + 1) * v_local)
     objective = cls(config)
     loss, grad = _loss_and_grad(objective, s[:, cols], t[:, cols], temperature=tau, tp_group=group,
                                 vocab_size=vocab_size)
-    return {"loss": loss, "grad": grad}
+    out = {"loss": loss, "grad": grad}
+    if fused_case is not None:
+        rows = fused_case["ws"].shape[0] // world_size
+        shard = {k: (v[rank * rows:(rank + 1) * rows] if k in ("ws", "wt") else v) for k, v in fused_case.items()}
+        out["fused"] = _fused_case_run(objective, shard, group, fused=True)
+    return out
+
+
+def _fused_case(n_rows: int, hidden: int, padded_vocab: int, vocab_size: int, chunk_rows: int, seed: int) -> dict:
+    """Random hidden states, output-layer weights, per-token temperatures and a keep mask."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    keep = torch.rand(n_rows, generator=gen) < 0.7
+    keep[0] = True
+    return {"hs": torch.randn(n_rows, hidden, generator=gen), "ht": torch.randn(n_rows, hidden + 3, generator=gen),
+            "ws": torch.randn(padded_vocab, hidden, generator=gen), "wt": torch.randn(padded_vocab, hidden + 3,
+                                                                                      generator=gen),
+            "labels": torch.randint(0, vocab_size, (n_rows,), generator=gen), "keep": keep,
+            "tau": 0.5 + torch.rand(int(keep.sum()), generator=gen), "vocab_size": vocab_size,
+            "chunk_rows": chunk_rows}
+
+
+def _fused_case_run(objective: Objective, case: dict, group: Any, *, fused: bool) -> dict:
+    """``(loss, d/d hidden, d/d weight)`` of ``sum_kept tau_i**2 l_i``, fused or through materialised logits."""
+    hs = case["hs"].detach().clone().requires_grad_(True)
+    ws = case["ws"].detach().clone().requires_grad_(True)
+    keep, tau = case["keep"], case["tau"]
+    if fused:
+        out = fused_output_layer_loss(hs, ws, case["ht"], case["wt"], case["labels"], objective, keep=keep,
+                                      temperature=tau, scale_loss_by_tau_squared=True, tp_group=group,
+                                      vocab_size=case["vocab_size"], chunk_rows=case["chunk_rows"])
+        loss = out.loss
+    else:
+        zs = (replicated_input(hs, group) @ ws.t())[keep]
+        zt = (case["ht"] @ case["wt"].t())[keep]
+        per_row = objective(zs, zt, temperature=tau, tp_group=group, vocab_size=case["vocab_size"])
+        loss = (per_row.float() * tau * tau).sum()
+    gh, gw = torch.autograd.grad(loss, [hs, ws])
+    return {"loss": loss.detach(), "grad_hidden": gh, "grad_weight": gw}
+
+
+def check_fused_contract(cls_or_instance: Any, *, distributed: bool = True, n_rows: int = 13, hidden: int = 8,
+                         padded_vocab: int = 24, vocab_size: int = 21, chunk_rows: int = 4, seed: int = 0,
+                         atol: float = 2e-5, **params: Any) -> None:
+    """Check that an objective claiming ``supports_fused_output_layer`` keeps the fused row-chunk contract.
+
+    The fused output layer (:func:`distill_plugins.objectives.fused.fused_output_layer_loss`, in
+    chunks of ``chunk_rows`` rows, some rows not kept, per-token temperatures, each kept row's
+    loss weighted by ``tau**2``) must give the materialised path's loss and gradients with respect
+    to the student's hidden states and output-layer weight, at TP=1 and (``distributed``) TP=2.
+    Row weights that differ per row catch an objective whose rows interact (a batch mean, say):
+    such an objective cannot be chunked.
+
+    Raises:
+        AssertionError: naming the quantity that differs.
+    """
+    objective = _build(cls_or_instance, params)
+    assert objective.supports_fused_output_layer, (
+        f"{type(objective).__name__} does not set supports_fused_output_layer; nothing to check")
+    if padded_vocab % 2 or not 0 < vocab_size <= padded_vocab:
+        raise ValueError("padded_vocab must be even and vocab_size in [1, padded_vocab]")
+    case = _fused_case(n_rows, hidden, padded_vocab, vocab_size, chunk_rows, seed)
+    _check_fused_case(objective, case, atol, distributed)
+
+
+def _check_fused_case(objective: Objective, case: dict, atol: float, distributed: bool,
+                      tp_results: Optional[list] = None) -> None:
+    expect = _fused_case_run(objective, case, None, fused=False)
+    got = _fused_case_run(objective, case, None, fused=True)
+    for key in ("loss", "grad_hidden", "grad_weight"):
+        _close(got[key], expect[key], atol, f"fused output layer {key} differs from the materialised path "
+                                            "(rows must be independent: the fused path calls the objective on "
+                                            "row chunks)")
+    if not distributed:
+        return
+    if tp_results is None:
+        from distill_plugins.testing.distributed import run_distributed
+
+        s = case["hs"] @ case["ws"].t()
+        t = case["ht"] @ case["wt"].t()
+        tau = torch.ones(s.shape[0])
+        tp_results = run_distributed(_tp_worker, 2, args=(type(objective), objective.config, s, t, tau,
+                                                          case["vocab_size"], case))
+    for rank, res in enumerate(tp_results):
+        fused = res["fused"]
+        _close(fused["loss"], expect["loss"], atol, f"fused output layer at TP=2, rank {rank}: loss differs")
+        _close(fused["grad_hidden"], expect["grad_hidden"], atol,
+               f"fused output layer at TP=2, rank {rank}: gradient of the hidden states differs")
+    tp_grad = torch.cat([res["fused"]["grad_weight"] for res in tp_results], dim=0)
+    _close(tp_grad, expect["grad_weight"], atol, "fused output layer at TP=2: gradient of the weight differs")
 
 
 def check_objective_contract(cls_or_instance: Any, *, distributed: bool = True, n_rows: int = 6,
@@ -142,11 +237,19 @@ def check_objective_contract(cls_or_instance: Any, *, distributed: bool = True, 
     _close(f_loss, t_loss, atol, "float temperature and [N] tensor temperature disagree")
     _close(f_grad, t_grad, atol, "float temperature and [N] tensor temperature disagree (gradient)")
 
+    fused_case = None
+    if objective.supports_fused_output_layer:
+        fused_case = _fused_case(n_rows + 7, 8, padded_vocab, vocab_size, 4, seed)
+        _check_fused_case(objective, fused_case, atol, distributed=False)
+
     if distributed:
         from distill_plugins.testing.distributed import run_distributed
 
-        results = run_distributed(_tp_worker, 2, args=(type(objective), objective.config, s, t, tau, vocab_size))
+        results = run_distributed(_tp_worker, 2, args=(type(objective), objective.config, s, t, tau, vocab_size,
+                                                       fused_case))
         for rank, res in enumerate(results):
             _close(res["loss"], loss, atol, f"TP=2 loss on rank {rank} differs from TP=1")
         tp_grad = torch.cat([res["grad"] for res in results], dim=1)
         _close(tp_grad, grad, atol, "TP=2 gradient differs from TP=1")
+        if fused_case is not None:
+            _check_fused_case(objective, fused_case, atol, distributed=True, tp_results=results)
