@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from distill_plugins.cli import data as data_cli
-from distill_plugins.data.embedded import (
-    build_embedded,
+from distill_plugins.data.embedded import build_embedded
+from distill_plugins.data.embedded_corpus import (
     build_embedded_corpus,
     documents_of_file,
     split_of,

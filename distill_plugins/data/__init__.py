@@ -6,7 +6,8 @@ the aligners depend on :mod:`.tokenizer`. docs/data.md.
 
 Modules:
     tokenizer          one tokenizer loader (``tokenizer.json``, HF directory, ``embedded:N``); BPE training
-    embedded           the embedded stdlib-docstring corpus and its cached tokenizers
+    embedded_corpus    the embedded stdlib-docstring corpus (three cached JSONL splits)
+    embedded           the embedded corpus's indexed datasets (``build_embedded``)
     sources            text sources: jsonl / plain files, document iteration
     indexed            megatron indexed datasets: writing and reading
     iterators          resumable training microbatches of one DP rank (``build_data``, ``build_eval_data``)

@@ -9,6 +9,10 @@ vocabulary fits (< 65500), else int32, as megatron's own preprocessing does.
 Both files are first written under a temporary prefix and renamed into place
 (``.bin`` first, ``.idx`` last): an existing ``.idx`` therefore means a
 complete dataset.
+
+megatron-core is imported by the two functions that need it, not at module
+import: importing it takes seconds, and the modules that import this one (the
+embedded datasets, the data iterators) are also used without indexed data.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ def write_indexed_dataset(texts: Iterable[str], tokenizer: Tokenizer, prefix: Pa
 
     Empty texts are skipped. Returns the number of documents and tokens written.
     """
+    # megatron-core takes seconds to import: loaded only when indexed data is written or read
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
     prefix = str(prefix)
@@ -100,6 +105,7 @@ def indexed_exists(prefix: PathLike) -> bool:
 
 def read_documents(prefix: PathLike) -> list[np.ndarray]:
     """All documents of an indexed dataset as arrays of token ids (for tests and inspection)."""
+    # megatron-core takes seconds to import: loaded only when indexed data is written or read
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     if not indexed_exists(prefix):

@@ -86,7 +86,7 @@ def text_documents(recipe, split: str) -> list[str]:
         docs = texts[lo:hi]
         where = f"data.split={data.split!r} over {len(texts)} documents in {', '.join(files)}"
     elif data.kind == "embedded":
-        from .embedded import build_embedded_corpus  # local: keeps this module's import light
+        from .embedded_corpus import build_embedded_corpus  # local: keeps this module's import light
 
         corpus = _rank0_first(build_embedded_corpus)
         docs = list(corpus.texts(split))

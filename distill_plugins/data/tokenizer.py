@@ -15,8 +15,8 @@ Tokenizer specs (``data.tokenizer`` in a recipe, ``--tokenizer`` on the CLI):
   is read with the ``tokenizers`` library, and only when it has none is
   ``transformers`` imported (lazily, optional dependency);
 * ``embedded:N``: the byte-level BPE of vocabulary ``N`` trained on the
-  embedded corpus's training split (built and cached on first use, see
-  :mod:`distill_plugins.data.embedded`).
+  embedded corpus's training split (:func:`embedded_tokenizer`: built and cached
+  on first use; the corpus is :mod:`distill_plugins.data.embedded_corpus`).
 
 Training (:func:`train_bpe_tokenizer`) is deterministic: the same texts in the
 same order and the same vocabulary size give byte-identical JSON.
@@ -30,8 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from tokenizers import Tokenizer as _HFTokenizers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
 from ..errors import InputError
-from .cache import PathLike, atomic_path
+from ..logging import get_logger
+from .cache import PathLike, atomic_path, file_lock
+from .embedded_corpus import EmbeddedCorpus, build_embedded_corpus
+
+log = get_logger(__name__)
 
 #: End-of-document token added to every trained tokenizer (id 0).
 EOS_TOKEN = "<|endoftext|>"
@@ -171,11 +178,7 @@ def load_tokenizer(spec: PathLike) -> Tokenizer:
     """
     text = str(spec)
     if text.startswith("embedded:"):
-        from .embedded import embedded_tokenizer  # local: embedded imports this module
-
         return embedded_tokenizer(_parse_embedded_vocab(text))
-    from tokenizers import Tokenizer as _HFTokenizers
-
     path = Path(text).expanduser()
     if path.is_file():
         try:
@@ -237,9 +240,6 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency:
         vocab_size: total vocabulary size, >= 257.
         min_frequency: a pair must occur this often to be merged.
     """
-    from tokenizers import Tokenizer as _HFTokenizers
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
-
     if vocab_size < 257:
         raise InputError(f"vocab_size={vocab_size}: a byte-level BPE needs at least 257 (256 bytes + EOS)")
     backend = _HFTokenizers(models.BPE())
@@ -251,3 +251,31 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency:
     backend.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(backend, name=f"bpe-{vocab_size}", eos_id=backend.token_to_id(EOS_TOKEN))
 
+
+def embedded_tokenizer_path(corpus: EmbeddedCorpus, vocab_size: int) -> Path:
+    """Where the embedded BPE of ``vocab_size`` is cached: ``<corpus dir>/tokenizer-bpe<N>.json``."""
+    return corpus.directory / f"tokenizer-bpe{vocab_size}.json"
+
+
+def embedded_tokenizer(vocab_size: int, *, corpus: Optional[EmbeddedCorpus] = None,
+                       progress: Optional[bool] = None) -> Tokenizer:
+    """The byte-level BPE of ``vocab_size`` trained on the embedded corpus's train split (spec ``embedded:N``).
+
+    Built once per corpus and vocabulary size (under a file lock, so concurrent
+    ranks train it once), then read from the cache.
+
+    Args:
+        vocab_size: vocabulary size, >= 257.
+        corpus: the corpus (default: :func:`~distill_plugins.data.embedded_corpus.build_embedded_corpus`).
+        progress: show progress while building the corpus (default: global rank 0).
+    """
+    corpus = corpus if corpus is not None else build_embedded_corpus(progress=progress)
+    path = embedded_tokenizer_path(corpus, vocab_size)
+    with file_lock(str(path) + ".lock"):
+        if not path.is_file():
+            log.info("training a byte-level BPE tokenizer (vocab %d) on %s", vocab_size, corpus.jsonl["train"])
+            tok = train_bpe_tokenizer(corpus.texts("train"), vocab_size)
+            tok.save(path)
+    tok = load_tokenizer(path)
+    tok.name = f"embedded:{vocab_size}"
+    return tok
