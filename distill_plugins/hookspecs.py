@@ -101,14 +101,24 @@ def distill_register_sequence_sources(register: Register) -> None:
 def distill_validate_recipe(recipe: Mapping[str, Any]) -> list[str]:
     """Check a resolved recipe for problems this plugin knows about.
 
+    Called only when the schema and every part's parameters passed their own
+    checks, so no value here is unchecked.
+
     Args:
         recipe: the resolved recipe as a plain nested mapping (after
-            ``extends:`` and command-line overrides), read-only.
+            ``extends:``, command-line overrides and defaults; this plugin's own
+            copy). Part sections (``objective``, ``selector``, ``temperature``,
+            ``aligner``, ``sequences``) are ``{"name": str, "params": {field:
+            value}}`` with every field of the part's ``Config``, defaults filled
+            in; ``aligner: auto`` is already resolved. E.g.
+            ``recipe["objective"] == {"name": "csd", "params": {"w1": "U", "w2":
+            "S", "weight_temperature": 1.0}}``.
 
     Returns:
-        A list of error strings, empty when the plugin has no complaint. Not
-        firstresult: the lists of all plugins are concatenated and reported
-        together with the schema's own errors.
+        A list of error strings, empty when the plugin has no complaint (a bare
+        string counts as one error). Not firstresult: the lists of all plugins
+        are concatenated and reported together with the other checks' errors.
+        An exception raised here becomes an error naming the plugin.
     """
 
 

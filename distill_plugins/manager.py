@@ -20,6 +20,7 @@ a fresh host.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.metadata as metadata
 import os
@@ -105,11 +106,35 @@ class PluginHost:
 
     # -- hooks ----------------------------------------------------------------
     def validate_recipe(self, recipe: Mapping[str, Any]) -> list[str]:
-        """Errors from every plugin's ``distill_validate_recipe``, concatenated."""
+        """Errors from every plugin's ``distill_validate_recipe``, concatenated, in load order.
+
+        Each implementation gets its own deep copy of ``recipe`` (one plugin's
+        mutation never reaches another). A plugin that raises, or returns
+        something other than a list of strings, does not stop validation: that
+        becomes an error string naming the plugin and its distribution, so
+        ``distill check`` reports it with the others and exits 2.
+        """
+        by_name = {info.name: info for info in self.plugins}
         errors: list[str] = []
-        for result in self.pm.hook.distill_validate_recipe(recipe=recipe):
-            if result:
-                errors.extend(str(e) for e in result)
+        for impl in self.pm.hook.distill_validate_recipe.get_hookimpls():  # registration (= load) order
+            info = by_name.get(impl.plugin_name)
+            dist = f" ({info.distribution} {info.version})" if info and info.distribution else ""
+            who = f"plugin {impl.plugin_name!r}{dist}"
+            kwargs = {"recipe": copy.deepcopy(recipe)}
+            try:
+                result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+            except Exception as exc:  # a bug in a plugin is reported as that plugin's, not as a traceback
+                errors.append(f"{who} raised {type(exc).__name__} in distill_validate_recipe: {exc}")
+                continue
+            if result is None:
+                continue
+            if isinstance(result, str):
+                result = [result]
+            if not isinstance(result, (list, tuple)):
+                errors.append(f"{who}: distill_validate_recipe returned {type(result).__name__}; it must return a "
+                              "list of error strings (empty when all is well)")
+                continue
+            errors.extend(str(e) for e in result)
         return errors
 
     def on_step_end(self, step: int, metrics: Mapping[str, float]) -> None:

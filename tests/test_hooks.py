@@ -101,3 +101,41 @@ def test_every_hook_spec_has_a_test_and_a_doc_section():
         assert name in tests_text, f"hook {name} has no test"
         assert signature_title(name, fn) in titles, f"docs/plugin_hooks.md lacks a section titled {signature_title(name, fn)}"
         assert fn.__doc__ and "Returns" in fn.__doc__, f"hook {name} is not documented"
+
+
+def test_distill_validate_recipe_sees_checked_part_params_and_plugin_errors_name_the_plugin(plugin, capsys):
+    """Part sections arrive as {'name', 'params'} with every Config field; bad params stop the hook; a raise names the plugin."""
+    from distill_plugins.cli import main
+    from distill_plugins.errors import RecipeError
+    from distill_plugins.recipe.load import load_recipe
+
+    host, module = plugin("""
+        from distill_plugins import hookimpl
+        seen = []
+        @hookimpl
+        def distill_validate_recipe(recipe):
+            seen.append(recipe)
+            if recipe["objective"]["params"]["w1"] == "T":
+                raise KeyError("w1")
+            return "a bare string is one error"
+    """, name="validate_probe")
+    base = ROOT / "recipes/tiny/base.yaml"
+    with pytest.raises(RecipeError) as err:
+        load_recipe(base, ["objective=csd", "objective.w1=U"], host=host)
+    assert err.value.errors == ["a bare string is one error"]
+    view = module.seen[-1]
+    assert view["objective"] == {"name": "csd", "params": {"w1": "U", "w2": "S", "weight_temperature": 1.0}}  # defaults
+    assert view["temperature"] == {"name": "constant", "params": {"value": 1.0, "scale_loss_by_tau_squared": False}}
+    assert view["aligner"]["name"] == "identity"  # `auto` already resolved
+    calls = len(module.seen)
+    with pytest.raises(RecipeError) as err:  # the part's own check fails: the hook never sees the bad value
+        load_recipe(base, ["objective=csd", "objective.w1=nonsense"], host=host)
+    assert len(module.seen) == calls and err.value.errors == ["objective 'csd'.w1: 'nonsense' is not one of ['U', 'S', 'T']"]
+    with pytest.raises(RecipeError) as err:
+        load_recipe(base, ["objective=csd", "objective.w1=T"], host=host)
+    assert err.value.errors == ["plugin 'validate_probe' raised KeyError in distill_validate_recipe: 'w1'"]
+    # through the CLI: exit 2, no traceback
+    recipe = ROOT / "recipes/tiny/base.yaml"
+    assert main(["check", str(recipe), "plugins=[validate_probe]", "objective=csd", "objective.w1=T"]) == 2
+    out = capsys.readouterr().err
+    assert "plugin 'validate_probe' raised KeyError" in out and "Traceback" not in out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -139,3 +140,113 @@ def test_recipe_key_reference_is_generated_from_the_schema():
 
     assert (ROOT / "docs" / "recipe_keys.md").read_text() == render(), \
         "docs/recipe_keys.md is stale: python -m distill_plugins.recipe.docgen > docs/recipe_keys.md"
+
+
+# ---------------------------------------------------------------------------
+# Bad input caught at `distill check` (issue 17)
+# ---------------------------------------------------------------------------
+
+
+def test_duplicate_yaml_key_names_file_key_and_both_lines(tmp_path, capsys):
+    recipe = write(tmp_path / "dup.yaml", "extends: %s\ntraining:\n  steps: 5\n  lr: 0.1\n  steps: 7\n"
+                   % (ROOT / "recipes/tiny/base.yaml"))
+    assert main(["check", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"{recipe}:5: duplicate key 'steps' (first given at line 3)" in err
+    nested = write(tmp_path / "flow.yaml", "objective: {name: csd, w1: U, w1: S}\n")
+    with pytest.raises(RecipeError, match=r"flow.yaml:1: duplicate key 'w1'"):
+        load_recipe_data(nested)
+    with pytest.raises(RecipeError, match="duplicate key 'a'"):
+        apply_overrides({}, ["data.paths={a: 1, a: 2}"])
+    # keys merged in with `<<:` may still be overridden, as YAML intends
+    merged = write(tmp_path / "merge.yaml", "base: &b {steps: 1, lr: 2}\ntraining:\n  <<: *b\n  steps: 3\n")
+    assert load_recipe_data(merged)["training"] == {"steps": 3, "lr": 2}
+
+
+def test_empty_recipe_file_says_it_is_empty(tmp_path, capsys):
+    for text in ("", "# only a comment\n"):
+        empty = write(tmp_path / "empty.yaml", text)
+        assert main(["check", str(empty)]) == 2
+        assert f"{empty}: the recipe file is empty" in capsys.readouterr().err
+    child = write(tmp_path / "child.yaml", {"extends": "empty.yaml", "training": {"steps": 3}})
+    with pytest.raises(RecipeError, match="empty.yaml: the recipe file is empty"):
+        load_recipe_data(child)
+
+
+def test_missing_resume_path_fails_check(tmp_path, capsys):
+    base = str(ROOT / "recipes/tiny/base.yaml")
+    missing = tmp_path / "nope" / "step_3"
+    assert main(["check", base, f"checkpoint.resume={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint.resume='{missing}': no such checkpoint directory" in err and "`auto`" in err
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RecipeError, match="is a file, not a checkpoint directory"):
+        load_recipe(base, [f"checkpoint.resume={tmp_path / 'file'}"])
+    for ok in ("auto", "none", str(tmp_path)):  # auto needs nothing; an existing directory is checked at run
+        assert load_recipe(base, [f"checkpoint.resume={ok}"])[0].checkpoint.resume == ok
+
+
+@pytest.fixture(scope="module")
+def tokenizer_300(tmp_path_factory):
+    """A real byte-level BPE with 300 token ids, saved as tokenizers JSON."""
+    from distill_plugins.data.tokenizer import train_bpe_tokenizer
+
+    texts = [f"def function_{i}(x): return x * {i} + sum(range({i}))" for i in range(200)]
+    tok = train_bpe_tokenizer(texts, 300, min_frequency=1)
+    assert tok.vocab_size == 300
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(path)
+    return path
+
+
+def test_tokenizer_larger_than_model_vocab_fails_check(tmp_path, tokenizer_300, capsys):
+    base = str(ROOT / "recipes/tiny/base.yaml")  # student and teacher vocab_size 250
+    corpus = write(tmp_path / "c.jsonl", '{"text": "def f(x): return x"}\n')
+    data = ["data.kind=jsonl", f"data.paths=[{corpus}]", f"data.tokenizer={tokenizer_300}"]
+    assert main(["check", base, *data]) == 2
+    err = capsys.readouterr().err
+    assert f"data.tokenizer='{tokenizer_300}' has 300 tokens but student.vocab_size=250" in err
+    assert "teacher.vocab_size=250" in err and "at least 300" in err
+    # large enough models pass; embedded:N is sized without training it
+    assert main(["check", base, *data, "student.vocab_size=300", "teacher.vocab_size=300"]) == 0
+    with pytest.raises(RecipeError, match=r"data.teacher_tokenizer='embedded:512' has 512 tokens but "
+                                          r"teacher.vocab_size=320"):
+        load_recipe(base, [*data, "student.vocab_size=300", "teacher.vocab_size=320",
+                           "data.teacher_tokenizer=embedded:512", "aligner=eta"])
+    # synthetic data reads no tokenizer
+    assert load_recipe(base, [f"data.tokenizer={tokenizer_300}"])[0].student.vocab_size == 250
+
+
+def test_tokenizer_larger_than_model_vocab_fails_at_run(tmp_path, tokenizer_300):
+    """A recipe built in Python skips `distill check`: the engine's vocabulary resolution refuses it too."""
+    from distill_plugins.engine.run import resolve_vocab_sizes
+
+    recipe, _ = load_recipe(ROOT / "recipes/tiny/base.yaml", ["data.kind=jsonl", f"data.paths=[{tmp_path}]",
+                                                              "student.vocab_size=null", "teacher.vocab_size=null",
+                                                              f"data.tokenizer={tokenizer_300}"])
+    assert resolve_vocab_sizes(recipe) == (300, 300)
+    small = dataclasses.replace(recipe, student=dataclasses.replace(recipe.student, vocab_size=256))
+    with pytest.raises(RecipeError, match="has 300 tokens but student.vocab_size=256"):
+        resolve_vocab_sizes(small)
+
+
+def test_student_checkpoint_spec_reads_distill_model_json(tmp_path, capsys):
+    """`student: {checkpoint: ...}` takes its shape from the distill_model.json beside the weights, like megatron:."""
+    from distill_plugins.engine.run import resolve_specs
+    from distill_plugins.models.checkpoint_meta import CheckpointMeta, write_meta_file
+    from distill_plugins.recipe.schema import ModelSpec
+
+    step = tmp_path / "checkpoints" / "step_4"
+    (step / "model_dist").mkdir(parents=True)
+    saved = ModelSpec(arch="llama", num_layers=3, hidden_size=48, num_attention_heads=6, num_query_groups=3,
+                      vocab_size=250, max_position_embeddings=64)
+    write_meta_file(CheckpointMeta(spec=saved, vocab_size=250, padded_vocab_size=256,
+                                   make_vocab_size_divisible_by=16), str(step / "model_dist"))
+    recipe, _ = load_recipe(ROOT / "recipes/tiny/base.yaml", [f"student={{checkpoint: {step}}}"])
+    student = resolve_specs(recipe).student
+    assert (student.num_layers, student.hidden_size, student.num_attention_heads, student.vocab_size) == (3, 48, 6, 250)
+    assert student.checkpoint == str(step)
+    # `distill check` judges the saved shape, not the recipe's defaults: 6 heads do not split over TP=4
+    assert main(["check", str(ROOT / "recipes/tiny/base.yaml"), f"student={{checkpoint: {step}}}",
+                 "parallel.tensor=4", "teacher.num_query_groups=4"]) == 2
+    assert "student.num_attention_heads=6 is not divisible by parallel.tensor=4" in capsys.readouterr().err

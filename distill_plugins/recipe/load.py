@@ -28,8 +28,40 @@ from ..errors import RecipeError
 from .schema import PART_SECTIONS
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping names the same key twice (PyYAML would silently keep the last value)."""
+
+    def __init__(self, key: Any, line: int, first_line: int):
+        self.key, self.line, self.first_line = key, line, first_line
+        super().__init__(f"line {line}: duplicate key {key!r} (first given at line {first_line}); "
+                         "a mapping names each key once: delete one of them")
+
+
 class RecipeLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` (no dot) as a float, as users expect."""
+    """SafeLoader that reads ``1e-4`` (no dot) as a float, as users expect, and refuses duplicate keys.
+
+    PyYAML keeps the last of two equal keys in a mapping without a word, so a
+    recipe that sets ``lr:`` twice trains with whichever came last; here that is
+    a :class:`DuplicateKeyError` naming the key and both lines. Keys merged in
+    with ``<<:`` may be overridden by the mapping's own keys, as YAML intends.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise DuplicateKeyError(key, line, first)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 RecipeLoader.add_implicit_resolver(
@@ -49,10 +81,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise RecipeError(f"recipe file {str(path)!r} does not exist")
     try:
         data = parse_yaml(path.read_text())
+    except DuplicateKeyError as exc:
+        raise RecipeError(f"{path}:{exc.line}: duplicate key {exc.key!r} (first given at line {exc.first_line}); "
+                          "YAML would keep only the last value: delete one of them") from exc
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
     if data is None:
-        return {}
+        raise RecipeError(f"{path}: the recipe file is empty (or only comments); write the sections that differ "
+                          "from the defaults, e.g. `extends: base.yaml` and `training: {steps: 10}` (docs/recipes.md)")
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping at the top level, got {type(data).__name__}")
     return data

@@ -9,17 +9,26 @@ Checks, in order, all collected into one :class:`RecipeError`:
    ``check_recipe(config, recipe) -> list[str]`` (e.g. the identity aligner
    compares the two vocabularies);
 4. cross-section structure: heads and query groups divisible by TP, layers of
-   both models divisible by PP, CE mixing needs labels, ...;
-5. every plugin's ``distill_validate_recipe`` hook.
+   both models divisible by PP, CE mixing needs labels, a tokenizer no larger
+   than its model's vocabulary, an existing ``checkpoint.resume`` path, ...;
+5. every plugin's ``distill_validate_recipe`` hook, only when the schema and
+   every part's parameters passed (so plugins never see unchecked values). It
+   receives the recipe as plain data with each part section as
+   ``{"name": <registered name>, "params": {<every Config field, defaults
+   filled in>}}`` (``aligner: auto`` already resolved); an exception in a
+   plugin's hook becomes an error naming the plugin.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 from ..aligners.base import resolve_aligner
 from ..config import parse_dataclass, to_plain
-from ..errors import DistillError, RecipeError, RecipeWarning
+from ..data.embedded import DEFAULT_VOCAB_SIZE
+from ..data.tokenizer import load_tokenizer
+from ..errors import DistillError, InputError, RecipeError, RecipeWarning
 from ..logging import get_logger
 from .load import normalize_part
 from .schema import PART_SECTIONS, ModelSpec, Recipe
@@ -46,7 +55,8 @@ def _split_parts(data: dict[str, Any], errors: list[str]) -> dict[str, Any]:
     return out
 
 
-def _structure_errors(recipe: Recipe) -> list[str]:
+def _structure_errors(recipe: Recipe, vocab_out: Optional[dict[str, Optional[int]]] = None) -> list[str]:
+    """Cross-section errors; ``vocab_out[role]`` receives each model's vocabulary when it is known here."""
     from ..plan import resolve_shape
 
     errors: list[str] = []
@@ -54,16 +64,22 @@ def _structure_errors(recipe: Recipe) -> list[str]:
     models: list[tuple[str, Optional[ModelSpec]]] = [("student", recipe.student), ("teacher", recipe.teacher),
                                                      ("reference", recipe.reference)]
     for role, spec in models:
-        if spec is None or spec.megatron:
-            continue  # a megatron checkpoint's shape is read from its metadata when it is loaded
-        if spec.hf:
+        if spec is None:
+            continue
+        if spec.hf or spec.megatron or spec.checkpoint:
             warnings: list[str] = []
+            checkpoint = bool(spec.megatron or spec.checkpoint)
             try:
-                spec = resolve_shape(role, spec, warnings)  # config.json when present, else the recipe's keys
+                # hf: config.json; megatron:/checkpoint: distill_model.json; else (absent here) the recipe's keys
+                spec = resolve_shape(role, spec, warnings)
             except RecipeError as exc:
                 errors.extend(exc.errors)
                 continue
             errors.extend(RecipeWarning(w) for w in warnings)
+            if checkpoint and spec.source == "recipe":
+                continue  # checkpoint absent on this machine: the recipe's shape keys do not describe it
+        if vocab_out is not None:
+            vocab_out[role] = spec.vocab_size
         if spec.num_attention_heads % tp:
             errors.append(f"{role}.num_attention_heads={spec.num_attention_heads} is not divisible by "
                           f"parallel.tensor={tp}")
@@ -89,6 +105,92 @@ def _structure_errors(recipe: Recipe) -> list[str]:
             errors.append(f"{role}.vocab_size is not set and there is no data.tokenizer to take it from; "
                           f"set {role}.vocab_size")
     return errors
+
+
+def _tokenizer_spec(recipe: Recipe, role: str) -> tuple[str, Optional[str]]:
+    """``(recipe key, spec)`` of the tokenizer whose ids feed ``role``'s embedding (spec None: no tokenizer)."""
+    data = recipe.data
+    if role == "teacher" and data.teacher_tokenizer:
+        return "data.teacher_tokenizer", data.teacher_tokenizer
+    if data.tokenizer is None and data.kind == "embedded":
+        return "data.tokenizer", f"embedded:{DEFAULT_VOCAB_SIZE}"
+    return "data.tokenizer", data.tokenizer
+
+
+def _tokenizer_size(spec: str) -> Optional[int]:
+    """Token ids of a tokenizer spec (``embedded:N`` is N, read without training it); None when unknown here.
+
+    Raises:
+        InputError: the tokenizer exists but cannot be loaded.
+    """
+    if spec.startswith("embedded:"):
+        try:
+            return int(spec.split(":", 1)[1])
+        except ValueError:
+            return None  # the run's loader reports the malformed spec
+    if not os.path.exists(os.path.expanduser(spec)):
+        return None
+    return load_tokenizer(spec).vocab_size
+
+
+def tokenizer_vocab_errors(recipe: Recipe, vocab_sizes: dict[str, Optional[int]]) -> list[str]:
+    """Errors for a tokenizer with more token ids than the model it feeds.
+
+    A token id ``>= vocab_size`` has no embedding row: the run dies with an
+    ``IndexError``, or, when megatron's padded vocabulary happens to cover the
+    id, reads an untrained padding row and every step turns non-finite. Checked
+    for the student against ``data.tokenizer`` and for the teacher against
+    ``data.teacher_tokenizer`` (else ``data.tokenizer``), whenever the data is
+    read through a tokenizer (not ``data.kind: synthetic``).
+
+    Args:
+        recipe: the recipe.
+        vocab_sizes: ``{"student": V_s, "teacher": V_t}`` as the run will use
+            them (None when unknown: that side is not checked).
+
+    Returns:
+        One message per model naming both sizes and the fix; a
+        :class:`RecipeWarning` when a tokenizer path does not exist here.
+    """
+    if recipe.data.kind == "synthetic":
+        return []
+    errors: list[str] = []
+    sizes: dict[str, Optional[int]] = {}
+    for role in ("student", "teacher"):
+        vocab = vocab_sizes.get(role)
+        key, spec = _tokenizer_spec(recipe, role)
+        if vocab is None or spec is None:
+            continue
+        if spec not in sizes:
+            try:
+                sizes[spec] = _tokenizer_size(spec)
+            except InputError as exc:
+                errors.append(f"{key}: {exc}")
+                sizes[spec] = None
+                continue
+            if sizes[spec] is None and not spec.startswith("embedded:"):
+                errors.append(RecipeWarning(f"{key}={spec!r} not found on this machine; its size is not checked "
+                                            f"against {role}.vocab_size"))
+        size = sizes[spec]
+        if size is not None and size > vocab:
+            errors.append(f"{key}={spec!r} has {size} tokens but {role}.vocab_size={vocab}: token ids {vocab}.."
+                          f"{size - 1} have no embedding row in the {role}; use the {role}'s own tokenizer, or a "
+                          f"{role} whose vocab_size is at least {size}")
+    return errors
+
+
+def _resume_errors(recipe: Recipe) -> list[str]:
+    """``checkpoint.resume`` names a path (not ``auto``/``none``) that does not exist, or is not a directory."""
+    resume = recipe.checkpoint.resume
+    if resume in ("auto", "none"):
+        return []
+    path = os.path.expanduser(resume)
+    if not os.path.exists(path):
+        return [f"checkpoint.resume={resume!r}: no such checkpoint directory; give an existing step_N directory "
+                "(or a directory of them), `auto` (latest checkpoint under checkpoint.dir, if any) or `none`"]
+    if not os.path.isdir(path):
+        return [f"checkpoint.resume={resume!r} is a file, not a checkpoint directory (step_N/)"]
+    return []
 
 
 def _reference_errors(recipe: Recipe) -> list[str]:
@@ -119,6 +221,14 @@ def _best_effort_recipe(prepared: dict[str, Any]) -> Recipe:
     return obj if obj is not None else Recipe()
 
 
+def _hook_view(recipe: Recipe, part_configs: dict[str, tuple[type, Any]]) -> dict[str, Any]:
+    """What ``distill_validate_recipe`` receives: plain data, part params as checked Config fields."""
+    plain = to_plain(recipe)
+    for section, (_, config) in part_configs.items():
+        plain[section] = {"name": plain[section]["name"], "params": to_plain(config)}
+    return plain
+
+
 def validate_recipe_data(data: dict[str, Any], host=None, source: str = "recipe"):
     """Validate merged recipe data. Returns ``(Recipe, PluginHost)``; raises :class:`RecipeError`."""
     from ..manager import build_plugin_host
@@ -136,6 +246,7 @@ def validate_recipe_data(data: dict[str, Any], host=None, source: str = "recipe"
     errors.extend(e.removeprefix("recipe: ").removeprefix("recipe.") for e in schema_errors)
 
     part_configs = {}
+    params_checked = recipe is not None and not errors  # schema (and part names) passed so far
     for section, kind in PART_SECTIONS.items():
         spec = prepared.get(section)
         if not isinstance(spec, dict) or "name" not in spec:
@@ -150,6 +261,7 @@ def validate_recipe_data(data: dict[str, Any], host=None, source: str = "recipe"
             continue
         config, part_errors = host.registry(kind).check_params(name, params, section)
         errors.extend(part_errors)
+        params_checked = params_checked and not part_errors
         if config is not None:
             part_configs[section] = (host.part_class(kind, name), config)
 
@@ -160,6 +272,7 @@ def validate_recipe_data(data: dict[str, Any], host=None, source: str = "recipe"
         resolved = checked.aligner.name
         config, part_errors = host.registry("vocab_aligner").check_params(resolved, {}, "aligner")
         errors.extend(part_errors)
+        params_checked = params_checked and not part_errors
         if config is not None:
             part_configs["aligner"] = (host.part_class("vocab_aligner", resolved), config)
     for section, (cls, config) in part_configs.items():
@@ -171,9 +284,12 @@ def validate_recipe_data(data: dict[str, Any], host=None, source: str = "recipe"
     selector = part_configs.get("selector")
     if selector is not None and getattr(selector[0], "needs_reference_model", False):
         errors.extend(_reference_errors(checked))
-    errors.extend(_structure_errors(checked))
-    if recipe is not None:
-        errors.extend(host.validate_recipe(to_plain(recipe)))
+    vocab_sizes: dict[str, Optional[int]] = {}
+    errors.extend(_structure_errors(checked, vocab_sizes))
+    errors.extend(tokenizer_vocab_errors(checked, vocab_sizes))
+    errors.extend(_resume_errors(checked))
+    if params_checked:
+        errors.extend(host.validate_recipe(_hook_view(checked, part_configs)))
     warnings = [e for e in errors if isinstance(e, RecipeWarning)]
     errors = [e for e in errors if not isinstance(e, RecipeWarning)]
     for warning in warnings:
