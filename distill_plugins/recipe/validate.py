@@ -94,14 +94,16 @@ def _structure_errors(recipe: Recipe, vocab_out: Optional[dict[str, Optional[int
     if recipe.parallel.sequence_parallel and tp == 1:
         errors.append("parallel.sequence_parallel=true needs parallel.tensor > 1")
     data = recipe.data
-    if data.kind in ("jsonl", "indexed") and not data.paths:
-        errors.append(f"data.kind={data.kind!r} needs data.paths (jsonl files or indexed-dataset prefixes)")
-    if data.kind == "jsonl" and not data.tokenizer:
-        errors.append("data.kind='jsonl' tokenizes raw text and needs data.tokenizer (a tokenizers JSON file "
+    if data.kind in ("jsonl", "indexed", "instruct") and not data.paths:
+        errors.append(f"data.kind={data.kind!r} needs data.paths (jsonl files or indexed-dataset prefixes; "
+                      "instruct: JSON-lines files or [embedded])")
+    embedded_task = data.kind == "instruct" and list(data.paths) == ["embedded"]  # default tokenizer embedded:4096
+    if data.kind in ("jsonl", "instruct") and not data.tokenizer and not embedded_task:
+        errors.append(f"data.kind={data.kind!r} tokenizes raw text and needs data.tokenizer (a tokenizers JSON file "
                       "or a Hugging Face tokenizer directory)")
-    has_vocab = data.tokenizer or data.kind == "embedded"
+    has_vocab = data.tokenizer or data.kind == "embedded" or embedded_task
     for role, spec in (("student", recipe.student), ("teacher", recipe.teacher)):
-        if spec.vocab_size is None and not (spec.hf or spec.megatron) and not has_vocab:
+        if spec.vocab_size is None and not (spec.hf or spec.megatron or spec.checkpoint) and not has_vocab:
             errors.append(f"{role}.vocab_size is not set and there is no data.tokenizer to take it from; "
                           f"set {role}.vocab_size")
     return errors
