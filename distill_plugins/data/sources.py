@@ -130,12 +130,28 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
     return files
 
 
+def _not_utf8(path: str, lineno: int, exc: UnicodeDecodeError, column: int) -> InputError:
+    byte = exc.object[exc.start]
+    return InputError(f"{path}:{lineno}: not UTF-8 text (byte 0x{byte:02x} at byte {column} of the line: "
+                      f"{exc.reason}); re-encode the file as UTF-8, e.g. "
+                      f"`iconv -f latin1 -t utf-8 {path} > fixed{Path(path).suffix}`")
+
+
 def iter_texts(path: str, text_key: str = "text"):
-    """Texts of one input file: one per JSON line for ``.jsonl``/``.json``, else the whole file as one text."""
+    """Texts of one input file: one per JSON line for ``.jsonl``/``.json``, else the whole file as one text.
+
+    Raises:
+        InputError: a line is not UTF-8 or not a JSON object with ``text_key``
+            (naming the file and the line).
+    """
     suffix = Path(path).suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
+        with open(path, "rb") as fh:  # bytes: a non-UTF-8 line is reported with its number
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise _not_utf8(path, lineno, exc, exc.start + 1) from None
                 if not line.strip():
                     continue
                 try:
@@ -148,7 +164,12 @@ def iter_texts(path: str, text_key: str = "text"):
                                      "(or --text-key) to the key holding the text")
                 yield str(row[text_key])
     else:
-        yield Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line_start = raw.rfind(b"\n", 0, exc.start) + 1
+            raise _not_utf8(path, raw.count(b"\n", 0, exc.start) + 1, exc, exc.start - line_start + 1) from None
 
 
 def split_ranges(num_docs: int, split: str) -> dict[str, tuple[int, int]]:
