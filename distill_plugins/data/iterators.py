@@ -105,7 +105,8 @@ class ConsumedSamplesIterator:
         """Continue from a :meth:`state_dict` (same recipe data section)."""
         saved = state.get("stream", "tokens")
         if saved != self.stream:
-            what = {"tokens": "token-id batches", "text": "raw-text batches of a cross-tokenizer aligner"}
+            what = {"tokens": "token-id batches", "text": "raw-text batches of a cross-tokenizer aligner",
+                    "instruct": "prompt/response batches (data.kind: instruct)"}
             raise InputError(f"the checkpoint was trained on {what.get(saved, saved)}, this run reads "
                              f"{what.get(self.stream, self.stream)}; resume with the aligner and tokenizers it "
                              "was written with")
@@ -165,8 +166,8 @@ def resolve_tokenizer(recipe, which: str = "student") -> Optional[Tokenizer]:
     spec = data.tokenizer
     if which == "teacher" and data.teacher_tokenizer:
         spec = data.teacher_tokenizer
-    if spec is None and data.kind == "embedded":
-        spec = f"embedded:{DEFAULT_VOCAB_SIZE}"
+    if spec is None and (data.kind == "embedded" or (data.kind == "instruct" and list(data.paths) == ["embedded"])):
+        spec = f"embedded:{DEFAULT_VOCAB_SIZE}"  # the embedded corpus and the embedded instruction task
     return load_tokenizer(spec) if spec else None
 
 
@@ -251,8 +252,11 @@ def build_sources(recipe, *, dp_size: int, splits=("train", "valid", "test"), pr
         sources = megatron_sources(blend=(list(data.paths), list(data.weights) if weighted else None),
                                    split_spec=data.split, sizes=sizes, seq_length=data.seq_length, seed=seed,
                                    tokenizer=tok, cache_path=str(Path(recipe.output_dir) / "data_cache"))
+    elif data.kind == "instruct":
+        raise InputError("data.kind=instruct has no token-stream sources; its batches come from build_data "
+                         "(distill_plugins.data.instruct)")
     else:  # the schema's Literal makes this unreachable from a recipe
-        raise InputError(f"data.kind={data.kind!r} is not one of synthetic, jsonl, indexed, embedded")
+        raise InputError(f"data.kind={data.kind!r} is not one of synthetic, jsonl, indexed, embedded, instruct")
     return {s: sources.get(s) for s in splits}
 
 
@@ -274,6 +278,11 @@ def build_data(recipe, *, dp_rank: int, dp_size: int, consumed_samples: int = 0,
     """
     if split not in SPLIT_CODES:
         raise ValueError(f"split={split!r} is not one of train, valid, test")
+    if recipe.data.kind == "instruct":
+        from .instruct import build_instruct_data  # local: instruct's iterator derives from this module's base
+
+        return build_instruct_data(recipe, dp_rank=dp_rank, dp_size=dp_size, consumed_samples=consumed_samples,
+                                   split=split)
     source = build_sources(recipe, dp_size=dp_size, splits=(split,))[split]
     if source is None:
         raise InputError(f"data has no {split} split (data.split={recipe.data.split!r})")
@@ -304,6 +313,11 @@ def build_eval_data(recipe, *, dp_rank: int, dp_size: int, split: str = "valid",
     micro_batch_size * dp_size`` of the split), so evaluations are comparable
     across steps and runs. Collective like :func:`build_data`.
     """
+    if recipe.data.kind == "instruct":
+        from .instruct import build_instruct_eval_data  # local: instruct's iterator derives from this module's base
+
+        return build_instruct_eval_data(recipe, dp_rank=dp_rank, dp_size=dp_size, split=split,
+                                        num_microbatches=num_microbatches)
     source = build_sources(recipe, dp_size=dp_size, splits=(split,))[split]
     if source is None:
         raise InputError(f"data has no {split} split for evaluation (data.split={recipe.data.split!r})")

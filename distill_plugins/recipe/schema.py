@@ -106,10 +106,12 @@ class ParallelSpec:
 class DataSpec:
     """Where token sequences come from."""
 
-    kind: Literal["synthetic", "jsonl", "indexed", "embedded"] = _help(
+    kind: Literal["synthetic", "jsonl", "indexed", "embedded", "instruct"] = _help(
         "synthetic (random tokens, for smoke tests), jsonl (raw text lines), indexed (megatron .bin/.idx), "
-        "embedded (the built-in stdlib-docstring corpus)", default="synthetic")
-    paths: list[str] = _help("jsonl files or indexed-dataset prefixes", default_factory=list)
+        "embedded (the built-in stdlib-docstring corpus), instruct (prompt/response or chat records; loss on "
+        "responses only)", default="synthetic")
+    paths: list[str] = _help("jsonl files or indexed-dataset prefixes; instruct: JSON-lines files, or [embedded] "
+                             "for the built-in stdlib instruction task", default_factory=list)
     weights: Optional[list[float]] = _help("blend weights, one per path (indexed)", default=None)
     tokenizer: Optional[str] = _help("tokenizers JSON file or HF tokenizer directory", default=None)
     teacher_tokenizer: Optional[str] = _help("teacher's tokenizer when it differs (cross-tokenizer aligners: "
@@ -118,6 +120,16 @@ class DataSpec:
     seq_length: int = _help("tokens per sequence", default=64)
     split: str = _help("train/valid/test split percentages for indexed data", default="98,1,1")
     text_key: str = _help("JSON key holding the text (jsonl)", default="text")
+    prompt_key: str = _help("instruct: JSON key of the prompt in prompt/response records", default="prompt")
+    response_key: str = _help("instruct: JSON key of the response in prompt/response records", default="response")
+    messages_key: str = _help("instruct: JSON key of the message list in chat records", default="messages")
+    template: Literal["auto", "chat", "plain"] = _help(
+        "instruct: auto (the tokenizer directory's chat_template if it has one, else the plain template for "
+        "prompt/response records), chat (require the chat template), plain (the documented plain template)",
+        default="auto")
+    truncation: Literal["left", "drop"] = _help(
+        "instruct: a sequence longer than seq_length+1 tokens loses prompt tokens from the left (left; the "
+        "response keeps its beginning) or is dropped (drop); both are counted and logged", default="left")
     num_workers: int = _help("data loader worker processes", default=0)
 
     def __post_init__(self):
