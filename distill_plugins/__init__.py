@@ -1,8 +1,11 @@
 """distill_plugins: plugin-based knowledge distillation for megatron-core.
 
 Public API (exactly ``__all__``): the hook marker for plugins, the part base
-classes, the error types, the plugin host builder and ``build_objective``.
-Importing this package imports neither megatron-core nor any plugin.
+classes, the error types, the plugin host builder, ``build_objective`` /
+``build_part``, and the vocab-parallel primitives of :mod:`distill_plugins.parallel`
+that objectives compose (docs/objectives.md, "Writing your own objective"; they may
+be imported from either module). Importing this package imports neither
+megatron-core nor any plugin.
 """
 
 from __future__ import annotations
@@ -28,7 +31,25 @@ from .interfaces import (
     VocabAligner,
 )
 from .manager import DEFAULT_PLUGINS, PluginHost, build_plugin_host
-from .parallel import ParallelContext
+from .parallel import (
+    ParallelContext,
+    all_reduce_max,
+    all_reduce_max_packed,
+    all_reduce_sum,
+    all_reduce_sum_,
+    all_reduce_sum_for_shards,
+    finite_shift,
+    local_real_width,
+    merge_partials,
+    real_column_mask,
+    rescale_partials_,
+    row_chunks,
+    vocab_parallel_expectation,
+    vocab_parallel_log_softmax,
+    vocab_parallel_logsumexp,
+    vocab_parallel_softmax,
+    vocab_parallel_sum,
+)
 
 __version__ = "0.1.0"
 
@@ -76,8 +97,24 @@ __all__ = [
     "AlignerInputs",
     "AlignerOutput",
     "__version__",
+    "all_reduce_max",
+    "all_reduce_max_packed",
+    "all_reduce_sum",
+    "all_reduce_sum_",
+    "all_reduce_sum_for_shards",
     "build_objective",
     "build_part",
     "build_plugin_host",
+    "finite_shift",
     "hookimpl",
+    "local_real_width",
+    "merge_partials",
+    "real_column_mask",
+    "rescale_partials_",
+    "row_chunks",
+    "vocab_parallel_expectation",
+    "vocab_parallel_log_softmax",
+    "vocab_parallel_logsumexp",
+    "vocab_parallel_softmax",
+    "vocab_parallel_sum",
 ]

@@ -27,7 +27,9 @@ a listed cycle is gone, so a fixed entry must leave the list.
 from __future__ import annotations
 
 import ast
+import inspect
 import io
+import re
 import sys
 import tokenize
 from dataclasses import dataclass
@@ -351,3 +353,19 @@ def test_function_level_imports_say_why():
                      "why (move them to the top, or add the reason on the line above):\n" + report)
     stale = sorted(PENDING_FUNCTION_IMPORTS - set(found))
     assert not stale, f"remove these files from PENDING_FUNCTION_IMPORTS, they have no unexplained import left: {stale}"
+
+
+def test_documented_parallel_primitives_are_public_api():
+    """What the docs recommend to plugin authors from distill_plugins.parallel is in distill_plugins.__all__."""
+    import distill_plugins
+    from distill_plugins import parallel
+
+    docs = "\n".join(p.read_text(encoding="utf-8") for p in sorted((ROOT / "docs").glob("*.md")))
+    public = {name for name, obj in vars(parallel).items()
+              if not name.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj))
+              and obj.__module__ == parallel.__name__}
+    documented = {name for name in public if re.search(rf"`{re.escape(name)}[`(]", docs)}
+    assert {"vocab_parallel_log_softmax", "all_reduce_sum", "merge_partials"} <= documented
+    missing = sorted(documented - set(distill_plugins.__all__))
+    assert not missing, f"documented in docs/ but not in distill_plugins.__all__: {missing}"
+    assert all(hasattr(distill_plugins, name) for name in distill_plugins.__all__)
