@@ -3,7 +3,9 @@
 Runs in one process by default (TP=1, PP=1: the checkpoint is resharded on
 load), or under torchrun with ``--tensor``/``--pipeline`` for students too large
 for one process. Writes ``config.json``, safetensors shards with an index, and
-the tokenizer files when ``--tokenizer-dir`` is given. docs/models.md.
+the tokenizer files when ``--tokenizer-dir`` is given; ``config.json`` then
+carries that tokenizer's ``bos_token_id``/``eos_token_id`` (``null`` without
+one). Files are written ``0644`` under the usual umask. docs/models.md.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="the Hugging Face directory to write")
     p.add_argument("--family", choices=["llama", "mistral", "qwen2", "gpt2"], default=None,
                    help="HF architecture to write (default: the one recorded in the checkpoint)")
-    p.add_argument("--tokenizer-dir", default=None, help="copy tokenizer files from this directory")
+    p.add_argument("--tokenizer-dir", default=None,
+                   help="the tokenizer the student was trained with (HF directory or tokenizer.json): its files are "
+                        "copied and its bos/eos token ids written to config.json")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="weights dtype (default: as trained)")
     p.add_argument("--tensor", type=int, default=1, help="tensor-parallel size to load with (world size under torchrun)")
     p.add_argument("--pipeline", type=int, default=1, help="pipeline-parallel size to load with")

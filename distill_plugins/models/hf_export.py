@@ -18,6 +18,14 @@ The inverse of :mod:`distill_plugins.models.hf_import`, driven by the same
    stage; after a barrier, global rank 0 writes ``model.safetensors.index.json``
    (from the files' headers), ``config.json`` and copies the tokenizer files.
 
+``config.json`` carries ``bos_token_id``/``eos_token_id`` read from the tokenizer
+(:func:`special_token_ids`, checked on every rank before anything is written, so
+a tokenizer larger than the model fails on all ranks at once); without a
+tokenizer they are written as ``null`` rather than left to ``transformers``'
+per-family defaults (ids that may fall outside, or arbitrarily inside, the
+vocabulary). Every file gets ordinary permissions (``0666`` minus the umask,
+``0644`` under the usual ``022``), like ``transformers``' own ``save_pretrained``.
+
 The directory needs a shared filesystem across the writing ranks (usual for
 checkpoints). Every rank must call :func:`export_hf` (the gathers are
 collective).
@@ -38,12 +46,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from distill_plugins.data.tokenizer import load_tokenizer
 from distill_plugins.errors import DistillError
 from distill_plugins.logging import get_logger
 from distill_plugins.models.hf_config import HFArchitecture
 from distill_plugins.models.hf_mapping import hf_tensor_shapes, partition_dim, tensor_pieces
 
-__all__ = ["TOKENIZER_FILES", "gather_full_tensor", "megatron_to_hf", "export_hf", "export_megatron_checkpoint"]
+__all__ = ["TOKENIZER_FILES", "gather_full_tensor", "megatron_to_hf", "export_hf", "export_megatron_checkpoint",
+           "special_token_ids"]
 
 log = get_logger(__name__)
 
@@ -51,6 +61,70 @@ log = get_logger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+#: beginning-of-sequence tokens looked up when the tokenizer's config names none, in order.
+_BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
+
+
+def _named_token(tokenizer_dir: str, key: str) -> Optional[str]:
+    """The token string ``tokenizer_config.json`` gives for ``key`` (``bos_token``), if any."""
+    config = os.path.join(tokenizer_dir, "tokenizer_config.json")
+    if not os.path.isfile(config):
+        return None
+    try:
+        with open(config, encoding="utf-8") as fh:
+            value = json.load(fh).get(key)
+    except (OSError, ValueError):
+        return None
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def special_token_ids(tokenizer_dir: Optional[str], vocab_size: int) -> dict[str, Optional[int]]:
+    """``{"bos_token_id", "eos_token_id"}`` for ``config.json``, from the tokenizer at ``tokenizer_dir``.
+
+    ``eos`` is the tokenizer's end-of-document token (the one training data is
+    cut with: ``tokenizer_config.json``'s ``eos_token``, else a known name such
+    as ``<|endoftext|>`` or ``</s>``). ``bos`` is ``tokenizer_config.json``'s
+    ``bos_token``, else a known name (``<s>``, ``<|begin_of_text|>``, ...), else
+    the eos id, as GPT-2's byte-level BPE does. Without a tokenizer both are None.
+
+    Args:
+        tokenizer_dir: a tokenizer directory or ``tokenizer.json`` file, or None.
+        vocab_size: the model's real vocabulary.
+
+    Raises:
+        DistillError: the tokenizer cannot be loaded, or has more token ids than
+            the model's vocabulary (naming both sizes).
+    """
+    if not tokenizer_dir:
+        return {"bos_token_id": None, "eos_token_id": None}
+    tok = load_tokenizer(tokenizer_dir)
+    if tok.vocab_size > vocab_size:
+        raise DistillError(f"tokenizer {tokenizer_dir!r} has {tok.vocab_size} tokens but the model's vocab_size is "
+                           f"{vocab_size}: ids {vocab_size}..{tok.vocab_size - 1} have no embedding row; export with "
+                           "the tokenizer the model was trained with")
+    bos = None
+    named = _named_token(tokenizer_dir, "bos_token") if os.path.isdir(tokenizer_dir) else None
+    for token in ([named] if named else []) + list(_BOS_CANDIDATES):
+        bos = tok.token_to_id(token)
+        if bos is not None:
+            break
+    eos = int(tok.eos_id)
+    return {"bos_token_id": int(bos) if bos is not None else eos, "eos_token_id": eos}
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _normal_permissions(path: str) -> None:
+    """``0666`` minus the umask: safetensors writes its files ``0600``, which other users cannot read."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def gather_full_tensor(param: torch.Tensor, name: str, *, tp_group=None, tp_size: int = 1, vocab_size: Optional[int] = None,
@@ -188,6 +262,7 @@ def export_hf(model: torch.nn.Module, out_dir: str, *, arch: Optional[HFArchitec
         arch = HFArchitecture.from_model_spec(layout.spec, vocab_size=layout.vocab_size, family=family)
     if dtype is not None and dtype not in _DTYPES:
         raise DistillError(f"export dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
+    token_ids = special_token_ids(tokenizer_dir, arch.vocab_size)  # every rank, before any collective or write
     if tp_group is None or dp_rank is None:
         g, d = _groups(layout)
         tp_group = g if tp_group is None else tp_group
@@ -214,18 +289,20 @@ def export_hf(model: torch.nn.Module, out_dir: str, *, arch: Optional[HFArchitec
     fname = "model.safetensors" if pp == 1 else f"model-{layout.pp_rank + 1:05d}-of-{pp:05d}.safetensors"
     if writer:
         save_file({k: v.contiguous() for k, v in hf.items()}, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        _normal_permissions(os.path.join(out_dir, fname))
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     rank0 = (not dist.is_initialized()) or dist.get_rank() == 0
     if rank0:
-        _write_metadata(out_dir, arch, pp, dtype, tokenizer_dir)
+        _write_metadata(out_dir, arch, pp, dtype, tokenizer_dir, token_ids)
         log.info("exported %s model to %s", arch.family, out_dir)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return out_dir
 
 
-def _write_metadata(out_dir: str, arch: HFArchitecture, pp: int, dtype: str, tokenizer_dir: Optional[str]) -> None:
+def _write_metadata(out_dir: str, arch: HFArchitecture, pp: int, dtype: str, tokenizer_dir: Optional[str],
+                    token_ids: dict[str, Optional[int]]) -> None:
     from safetensors import safe_open
 
     if pp > 1:
@@ -247,7 +324,10 @@ def _write_metadata(out_dir: str, arch: HFArchitecture, pp: int, dtype: str, tok
             json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, fh,
                       indent=2)
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as fh:
-        json.dump(arch.hf_config(dtype=dtype), fh, indent=2)
+        json.dump({**arch.hf_config(dtype=dtype), **token_ids}, fh, indent=2)
+    if token_ids["eos_token_id"] is None:
+        log.warning("exported %s without a tokenizer: config.json has bos_token_id/eos_token_id null; pass "
+                    "tokenizer_dir (distill export --tokenizer-dir) to write them", out_dir)
     if tokenizer_dir:
         copied = []
         for name in TOKENIZER_FILES:
