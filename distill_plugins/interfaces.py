@@ -50,6 +50,9 @@ import torch
 
 Temperature = Union[float, torch.Tensor]
 
+#: label of a position that takes no loss (prompt tokens, padding), as in torch's cross-entropy
+IGNORE_INDEX = -100
+
 
 @dataclass(frozen=True, kw_only=True)
 class PartConfig:

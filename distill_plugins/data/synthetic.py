@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from distill_plugins.data.iterators import MicrobatchIterator
-from distill_plugins.engine.loss import IGNORE_INDEX
+from distill_plugins.interfaces import IGNORE_INDEX
 
 __all__ = ["synthetic_sample", "RecurrenceSource", "SyntheticBatches"]
 

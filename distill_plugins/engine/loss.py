@@ -56,13 +56,13 @@ from typing import Any, Optional
 import torch
 
 from distill_plugins.errors import DistillError
-from distill_plugins.interfaces import Objective, Selection, TemperaturePolicy, TokenContext, TokenSelector
+from distill_plugins.interfaces import (IGNORE_INDEX, Objective, Selection, TemperaturePolicy, TokenContext,
+                                        TokenSelector)
 from distill_plugins.parallel import masked_logits_fp32
 
 __all__ = ["LossParts", "distill_loss", "REPORT_KEYS", "build_loss_parts", "cross_entropy_sum", "any_nonfinite",
            "MicrobatchRows", "valid_rows", "finish_report"]
 
-IGNORE_INDEX = -100
 
 #: Keys of the per-microbatch report, all additive (loss-computing aligners add their own:
 #: :attr:`distill_plugins.engine.alignment.AlignerRuntime.report_keys`).
