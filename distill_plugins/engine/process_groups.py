@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from typing import Optional
 
 import torch
@@ -36,14 +37,19 @@ __all__ = ["initialize", "destroy", "parallel_context", "data_parallel_size", "i
            "is_pipeline_first_stage", "pipeline_rank"]
 
 
+def free_port() -> int:
+    """An unused TCP port on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _init_torch_distributed(cpu: bool, timeout_minutes: int) -> None:
     if dist.is_initialized():
         return
     backend = "gloo" if cpu else "nccl"
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         # Single process without torchrun: a 1-rank group on a free loopback port.
-        from distill_plugins.testing.distributed import free_port
-
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.setdefault("RANK", "0")

@@ -22,7 +22,6 @@ traceback.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 from typing import Any, Callable, Sequence
@@ -31,12 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    """An unused TCP port on the loopback interface."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from distill_plugins.engine.process_groups import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: Sequence[Any], outdir: str) -> None:
