@@ -29,9 +29,14 @@ Two templates:
   render(messages[:i+1])``; the response is ``F[len(P):]`` (the content and
   whatever the template closes the turn with, e.g. ``<|im_end|>``), which
   requires ``F`` to start with ``P`` and the whole rendering to start with
-  ``F``. A template breaking that (one that rewrites earlier turns) is
-  rejected with a clear error. A message that adds nothing to the rendering
-  has a role the template does not know, which is also an error.
+  ``F``; trailing whitespace after the turn (a newline after ``<|im_end|>``)
+  is not part of it. (For a ChatML template whose ``{% generation %}`` block
+  holds the content and ``<|im_end|>``, the tokens labelled this way are
+  exactly transformers' ``return_assistant_tokens_mask``; tested.) A template breaking the
+  prefix property (one that rewrites earlier turns) is rejected with a clear
+  error. A message whose stripped content does not appear in the text it adds
+  has a role the template does not know (templates often skip such roles
+  silently), which is also an error.
 
 * :class:`PlainTemplate` (``data.template: plain``, or ``auto`` when the
   tokenizer has no chat template and the records are prompt/response pairs)::
@@ -40,9 +45,10 @@ Two templates:
       ### Instruction:\\n{content}         (user messages)
       ### Response:\\n{content}<eos>       (assistant messages; the response is {content} and the EOS id)
 
-  messages joined by a blank line (``"\\n\\n"``). The EOS is not text: the
-  data path appends the tokenizer's end-of-document id after each response's
-  tokens, labelled like the response, so a model learns to stop.
+  messages joined by a blank line (``"\\n\\n"``), responses without trailing
+  whitespace. The EOS is not text: the data path appends the tokenizer's
+  end-of-document id after each response's tokens, labelled like the
+  response, so a model learns to stop.
 
 Usage::
 
@@ -202,7 +208,7 @@ class ChatTemplate(_SpanRenderer):
                 if len(upto) == len(before) or not upto[len(before):].strip():
                     raise TemplateError(f"assistant message {i + 1} renders to no text with the chat template of "
                                         f"{self.name}")
-                spans.append((len(before), len(upto)))
+                spans.append((len(before), len(upto.rstrip())))  # a turn's trailing newline is not the answer
             previous = upto
         return whole, spans
 
@@ -233,6 +239,7 @@ class PlainTemplate(_SpanRenderer):
             size += len(piece)
             content = message["content"]
             if role == "assistant":
+                content = content.rstrip()
                 spans.append((size, size + len(content)))
             parts.append(content)
             size += len(content)
