@@ -47,7 +47,8 @@ from typing import Iterable, Optional, Sequence
 from .errors import DistillError, RecipeError
 from .models.resolve import resolve_model, source_kind, source_missing
 from .recipe.schema import ModelSpec, Recipe, padded_vocab_size
-from .shapes import TransformerShape, shape_keys
+from .shapes import TransformerShape, count_parameters, embedding_params, final_norm_params, layer_params, \
+    output_params, shape_keys
 
 GIB = 1 << 30
 #: bytes per parameter or activation element by training precision
@@ -114,75 +115,14 @@ def resolve_shape(role: str, spec: ModelSpec, warnings: list[str]) -> ModelShape
 # ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Params:
-    """A parameter count split into tensor-parallel-sharded and replicated parts."""
-
-    sharded: int = 0
-    replicated: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.sharded + self.replicated
-
-    def per_gpu(self, tensor: int) -> int:
-        return self.sharded // tensor + self.replicated
-
-    def __add__(self, other: "Params") -> "Params":
-        return Params(self.sharded + other.sharded, self.replicated + other.replicated)
-
-    def __mul__(self, n: int) -> "Params":
-        return Params(self.sharded * n, self.replicated * n)
-
-
-def layer_params(shape: ModelShape) -> Params:
-    """One transformer layer.
-
-    llama: QKV ``h (h + 2 g k)`` (+ ``h + 2 g k`` bias when add_qkv_bias), k = h/a;
-    output projection ``h^2``; SwiGLU ``3 h f``; two RMSNorm weights ``2 h``.
-    gpt2: QKV ``3h^2 + 3h``; projection ``h^2 + h``; MLP ``2 h f + f + h``; two LayerNorms ``4h``.
-    Column-parallel biases are sharded, row-parallel biases and norms replicated.
-    """
-    h, f = shape.hidden_size, shape.ffn_hidden_size
-    if shape.arch == "gpt2":
-        sharded = 3 * h * h + 3 * h + h * h + h * f + f + f * h
-        return Params(sharded=sharded, replicated=h + h + 4 * h)
-    qkv_out = h + 2 * shape.num_query_groups * shape.head_dim
-    sharded = h * qkv_out + h * h + 3 * h * f + (qkv_out if shape.add_qkv_bias else 0)
-    return Params(sharded=sharded, replicated=2 * h)
-
-
-def embedding_params(shape: ModelShape, vocab: int) -> Params:
-    """Word embedding ``Vp h`` (vocab-parallel); gpt2 adds learned positions ``max_pos h`` (replicated)."""
-    positions = shape.max_position_embeddings * shape.hidden_size if shape.arch == "gpt2" else 0
-    return Params(sharded=vocab * shape.hidden_size, replicated=positions)
-
-
-def final_norm_params(shape: ModelShape) -> Params:
-    return Params(replicated=(2 if shape.arch == "gpt2" else 1) * shape.hidden_size)
-
-
-def output_params(shape: ModelShape, vocab: int) -> Params:
-    return Params(sharded=vocab * shape.hidden_size)
-
-
-def total_params(shape: ModelShape, vocab: Optional[int] = None) -> int:
-    """All parameters of the model (output layer counted once when tied)."""
-    vocab = shape.vocab_size if vocab is None else vocab
-    total = embedding_params(shape, vocab) + layer_params(shape) * shape.num_layers + final_norm_params(shape)
-    if not shape.tie_embeddings:
-        total = total + output_params(shape, vocab)
-    return total.total
-
-
 def stage_params(shape: ModelShape, vocab: int, tensor: int, pipeline: int, stage: int) -> int:
     """Parameters one GPU of pipeline ``stage`` holds."""
     layers = -(-shape.num_layers // pipeline)
-    params = layer_params(shape) * layers
+    params = layer_params(shape, shape.arch) * layers
     if stage == 0:
-        params = params + embedding_params(shape, vocab)
+        params = params + embedding_params(shape, shape.arch, vocab)
     if stage == pipeline - 1:
-        params = params + final_norm_params(shape)
+        params = params + final_norm_params(shape, shape.arch)
         if not shape.tie_embeddings or pipeline > 1:
             params = params + output_params(shape, vocab)
     return params.per_gpu(tensor)
@@ -415,7 +355,7 @@ class PlanReport:
             out.append(f"  {s.role:<9} {s.arch:<5} {s.num_layers} layers, hidden {s.hidden_size}, ffn "
                        f"{s.ffn_hidden_size}, heads {s.num_attention_heads}, query groups {s.num_query_groups}, "
                        f"vocab {s.vocab_size} -> padded {vp} (+{vp - s.vocab_size}), "
-                       f"{_count([total_params(s)])} params  [{s.source}]")
+                       f"{_count([count_parameters(s, s.arch)])} params  [{s.source}]")
         out.append("checks:")
         if self.errors:
             out += [f"  ERROR {e}" for e in self.errors]

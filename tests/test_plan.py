@@ -15,7 +15,8 @@ from distill_plugins.cli import main
 from distill_plugins.cli.plan import plan_recipe
 from distill_plugins.errors import RecipeError
 from distill_plugins.manager import NO_ENTRY_POINTS_ENV
-from distill_plugins.plan import GIB, ModelShape, activation_bytes_per_layer, padded_vocab_size, total_params
+from distill_plugins.plan import GIB, ModelShape, activation_bytes_per_layer, padded_vocab_size
+from distill_plugins.shapes import count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "recipes/cluster"
@@ -46,13 +47,13 @@ def test_padded_vocab():
 def test_parameter_counts_match_published_models():
     llama8b = _shape(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
                      num_query_groups=8, vocab_size=128256)
-    assert total_params(llama8b) == 8_030_261_248  # Llama-3.1-8B
+    assert count_parameters(llama8b, llama8b.arch) == 8_030_261_248  # Llama-3.1-8B
     qwen15b = _shape(num_layers=28, hidden_size=1536, ffn_hidden_size=8960, num_attention_heads=12,
                      num_query_groups=2, vocab_size=151936, tie_embeddings=True, add_qkv_bias=True)
-    assert total_params(qwen15b) == 1_543_714_304  # Qwen2.5-1.5B ("1.54B")
+    assert count_parameters(qwen15b, qwen15b.arch) == 1_543_714_304  # Qwen2.5-1.5B ("1.54B")
     gpt2 = _shape(arch="gpt2", num_layers=12, hidden_size=768, ffn_hidden_size=3072, num_attention_heads=12,
                   num_query_groups=12, vocab_size=50257, max_position_embeddings=1024, tie_embeddings=True)
-    assert total_params(gpt2) == 124_439_808  # GPT-2 small
+    assert count_parameters(gpt2, gpt2.arch) == 124_439_808  # GPT-2 small
 
 
 def test_activation_formula():

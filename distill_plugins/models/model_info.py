@@ -27,7 +27,8 @@ from typing import Optional
 
 from distill_plugins.models.resolve import resolve_model
 from distill_plugins.recipe.schema import ModelSpec, ParallelSpec, padded_vocab_size
-from distill_plugins.shapes import ffn_hidden_size
+from distill_plugins import shapes
+from distill_plugins.shapes import TransformerShape, ffn_hidden_size, shape_keys
 
 __all__ = ["ModelInfo", "describe_model", "count_parameters", "vocab_mismatch_error"]
 
@@ -76,28 +77,8 @@ def _human(n: int) -> str:
 
 
 def count_parameters(spec: ModelSpec, vocab_size: int) -> int:
-    """Parameters of ``spec`` with ``vocab_size`` real rows (tied embeddings counted once)."""
-    h, f, L = spec.hidden_size, ffn_hidden_size(spec), spec.num_layers
-    nh = spec.num_attention_heads
-    ng = spec.num_query_groups or nh
-    d = h // nh
-    qkv_out = (nh + 2 * ng) * d
-    gpt2 = spec.arch == "gpt2"
-    per_layer = h * qkv_out + nh * d * h
-    if gpt2:
-        per_layer += qkv_out + h  # qkv and proj biases
-        per_layer += 2 * h * f + f + h  # fc1/fc2 with biases
-        per_layer += 4 * h  # two LayerNorms with bias
-    else:
-        per_layer += qkv_out if spec.add_qkv_bias else 0
-        per_layer += 3 * h * f  # gate, up, down
-        per_layer += 2 * h  # two RMSNorms
-    total = L * per_layer + vocab_size * h + (2 * h if gpt2 else h)
-    if gpt2:
-        total += spec.max_position_embeddings * h
-    if not spec.tie_embeddings:
-        total += vocab_size * h
-    return total
+    """Parameters of ``spec`` with ``vocab_size`` real rows (tied embeddings counted once; :func:`shapes.count_parameters`)."""
+    return shapes.count_parameters(TransformerShape(**shape_keys(spec, vocab_size)), spec.arch)
 
 
 def describe_model(spec: ModelSpec, parallel: ParallelSpec, *, role: str = "model",
