@@ -16,7 +16,15 @@ inside. The logged value is the true objective, not the reference code's
 surrogate, and the gradient is the exact one (the reference's is half of it).
 
 L is invariant to adding a per-token constant to either logit vector and is 0
-when ``f_S = f_T + const``. CSD(S, S) with weight temperature 1 has exactly twice
+when ``f_S = f_T + const``.
+
+Non-finite inputs (the contract of every objective, docs/objectives.md): NaN,
+``+inf`` or an all-``-inf`` row raise ``InputError``; a column that is ``-inf``
+on both sides has ``d = 0``; a column that is ``-inf`` on one side only has an
+infinite gap, and where w1 or w2 gives it positive weight (U always, S where the
+student is finite, T where the teacher is finite) the pair form is ``+inf``, which
+is the value returned (the moment form would give ``inf - inf = NaN``). A zero-weight
+infinite column adds nothing (``0 * inf = 0``). CSD(S, S) with weight temperature 1 has exactly twice
 the reverse-KL gradient (methods.md section 10).
 
 Kernel: :mod:`distill_plugins.objectives.gap` (one pass, MAX ``[N, 4]`` and SUM
@@ -29,6 +37,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Literal
+
+import torch
 
 from distill_plugins.interfaces import PartConfig
 from distill_plugins.objectives.base import VocabParallelObjective
@@ -72,4 +82,7 @@ class CSD(VocabParallelObjective):
     def forward_kernel(self, student, teacher, inv_tau, info):
         cfg = self.config
         spec = GapSpec(cfg.w1, cfg.w2, s_temperature=cfg.weight_temperature, center=True, kind="csd")
-        return weighted_gap_moments(student, teacher, inv_tau, info, spec)
+        loss = weighted_gap_moments(student, teacher, inv_tau, info, spec)
+        # Inputs are checked (no NaN, no +inf, no all--inf row), so a NaN here is the moment form's
+        # inf - inf for an infinite gap with positive weight: the pair form's value is +inf.
+        return torch.where(torch.isnan(loss), torch.full_like(loss, float("inf")), loss)

@@ -35,13 +35,23 @@ state unchanged. State (fp64 Python floats): ``t``, ``momentum``, ``prev_loss``,
 Tensor contract: ``student [N, V_local]``, ``teacher [N, V_local]`` (any float
 dtype; fp32 maths), vocab sharded over ``tp_group``, padding columns past
 ``vocab_size`` excluded; returns fp32 ``[N]`` per-token losses identical on
-every TP rank, differentiable in ``student`` only. Collectives: one MAX and one
-SUM all-reduce of packed ``[N, 2]`` statistics for both normalisers, one SUM for
-the per-token sums. The backward recomputes ``q`` and ``p_t`` from the inputs
+every TP rank, differentiable in ``student`` only. Collectives: one MAX
+all-reduce of ``[N, 4]`` (both row maxima and two NaN flags) for the input
+checks, one MAX and one SUM all-reduce of packed ``[N, 2]`` statistics for both
+normalisers, one SUM for the per-token sums. The backward recomputes ``q`` and ``p_t`` from the inputs
 and the two saved per-token log-normalisers, so no ``[N, V]`` tensor is kept for
 backward and no collective runs in backward. Rows are processed in chunks of
 ``distill_plugins.selection.scores.CHUNK_ELEMENTS`` logits to bound the fp32
 temporaries.
+
+Non-finite inputs follow the contract of every objective here
+(docs/objectives.md, "The call contract"): NaN or ``+inf`` in a real column of
+either tensor, or a row whose real columns are all ``-inf``, raises
+:class:`~distill_plugins.errors.InputError` naming the tensor and the row, on
+every TP rank together (the flags ride in the MAX all-reduce). ``-inf`` in some
+columns is a zero probability: with ``0 < t < 1`` the target ``p_t`` is 0 wherever
+either side is ``-inf``, so the loss stays finite; at ``t = 1`` (plain forward KL)
+a column the student masks and the teacher does not gives ``+inf``.
 """
 
 from __future__ import annotations
@@ -54,7 +64,8 @@ import torch
 
 from distill_plugins.errors import InputError
 from distill_plugins.interfaces import Objective, PartConfig, StepStats, Temperature
-from distill_plugins.parallel import local_real_width
+from distill_plugins.objectives.base import check_flags, check_global_max, check_pair, nan_flags, row_max
+from distill_plugins.parallel import all_reduce_max_packed, local_real_width
 from distill_plugins.selection.scores import chunk_rows, partial_sums, softmax_stats
 
 __all__ = ["TAID", "interpolated_kl"]
@@ -115,6 +126,22 @@ class _InterpolatedKL(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+_NAMES = ("student_logits", "teacher_logits")
+
+
+def _check_finite_inputs(student: torch.Tensor, teacher: torch.Tensor, group: Any, width: int) -> None:
+    """Raise on NaN, +inf or an all-``-inf`` row in the real columns, on every TP rank together.
+
+    Raises:
+        InputError: naming the tensor and the first offending row (the messages of the other objectives).
+    """
+    with torch.no_grad():
+        ms, mt = row_max(student[:, :width].detach()).float(), row_max(teacher[:, :width].detach()).float()
+        global_max, flags = all_reduce_max_packed(torch.stack([ms, mt], dim=1), group, nan_flags(ms, mt))
+    check_flags(flags, _NAMES)
+    check_global_max(global_max, _NAMES)
+
+
 def _as_tau(temperature: Temperature, n: int, device) -> Any:
     """Validate a float or ``[N]`` temperature; tensors become detached fp32 ``[N, 1]``."""
     if isinstance(temperature, torch.Tensor):
@@ -146,7 +173,10 @@ def interpolated_kl(
                          f"{tuple(teacher_logits.shape)} must both be [N, V_local]")
     if loss_form not in ("kl", "ce"):
         raise InputError(f"loss_form={loss_form!r} must be 'kl' or 'ce'")
+    info = check_pair(student_logits, teacher_logits, tp_group, vocab_size)
     tau = _as_tau(temperature, student_logits.shape[0], student_logits.device)
+    if info.n_rows:
+        _check_finite_inputs(student_logits, teacher_logits, tp_group, info.width)
     return _InterpolatedKL.apply(student_logits, teacher_logits, float(t), tau, tp_group, vocab_size, loss_form)
 
 

@@ -42,7 +42,7 @@ import torch
 from distill_plugins.interfaces import Objective
 from distill_plugins.objectives.fused import fused_output_layer_loss, replicated_input
 
-__all__ = ["check_fused_contract", "check_objective_contract"]
+__all__ = ["check_fused_contract", "check_nonfinite_contract", "check_objective_contract"]
 
 
 def _build(cls_or_instance: Any, params: dict) -> Objective:
@@ -253,3 +253,132 @@ def check_objective_contract(cls_or_instance: Any, *, distributed: bool = True, 
         _close(tp_grad, grad, atol, "TP=2 gradient differs from TP=1")
         if fused_case is not None:
             _check_fused_case(objective, fused_case, atol, distributed=True, tp_results=results)
+
+
+# ---------------------------------------------------------------------------
+# Non-finite inputs (every objective)
+# ---------------------------------------------------------------------------
+
+#: the cases of :func:`check_nonfinite_contract` that must raise ``InputError``: (name, side, fill, message)
+_NONFINITE_ERRORS = (
+    ("NaN in the student", "student", "nan", "student_logits contains NaN"),
+    ("NaN in the teacher", "teacher", "nan", "teacher_logits contains NaN"),
+    ("+inf in the student", "student", "inf", "student_logits contains +inf"),
+    ("+inf in the teacher", "teacher", "inf", "teacher_logits contains +inf"),
+    ("a student row that is -inf in every real column", "student", "row", "student_logits row"),
+    ("a teacher row that is -inf in every real column", "teacher", "row", "teacher_logits row"),
+)
+
+
+def _poison(s: torch.Tensor, t: torch.Tensor, side: str, fill: str, row: int, col: int, width: int):
+    s, t = s.clone(), t.clone()
+    x = s if side == "student" else t
+    if fill == "row":
+        x[row, :width] = float("-inf")
+    else:
+        x[row, col] = float(fill)
+    return s, t
+
+
+def _nonfinite_tp_worker(rank: int, world_size: int, items: list, s: torch.Tensor, t: torch.Tensor,
+                         vocab_size: int, row: int, col: int):
+    """For each ``(cls, config)``: every raising case with the bad value in rank 1's shard only -> messages per rank."""
+    from distill_plugins.errors import InputError
+
+    group = torch.distributed.group.WORLD
+    v_local = s.shape[1] // world_size
+    cols = slice(rank * v_local, (rank + 1) * v_local)
+    out = []
+    for cls, config in items:
+        objective = cls(config)
+        seen = {}
+        for name, side, fill, _ in _NONFINITE_ERRORS:
+            bs, bt = _poison(s, t, side, fill, row, col, vocab_size)
+            try:
+                objective(bs[:, cols].requires_grad_(True), bt[:, cols], tp_group=group, vocab_size=vocab_size)
+                seen[name] = None
+            except InputError as exc:
+                seen[name] = str(exc)
+        out.append(seen)
+    return out
+
+
+def check_nonfinite_contract(cls_or_instance: Any, *, distributed: bool = True, n_rows: int = 5,
+                             padded_vocab: int = 24, vocab_size: int = 21, seed: int = 0, **params: Any) -> None:
+    """Check the non-finite-input contract every objective keeps (docs/objectives.md, "The call contract").
+
+    With ``x`` the real columns (``< vocab_size``) of a row:
+
+    * NaN or ``+inf`` anywhere in ``x`` of either tensor, or a row whose ``x`` is all
+      ``-inf``, raises :class:`~distill_plugins.errors.InputError` naming the tensor
+      (``"student_logits contains NaN"``, ``"teacher_logits contains +inf"``,
+      ``"teacher_logits row 2 is -inf in every real vocabulary column"``); with
+      ``distributed``, when the bad value sits in one TP rank's shard only, *every*
+      rank raises (none waits in a collective);
+    * ``-inf`` in the same column of both tensors (a token both models exclude)
+      gives a finite loss and a finite gradient;
+    * ``-inf`` in one tensor only gives, in that row, a finite loss or ``+inf`` (the
+      divergence really is infinite), never NaN; the other rows keep their values and
+      finite gradients.
+
+    Args:
+        cls_or_instance: an ``Objective`` subclass (built with ``**params``) or an instance.
+        distributed: also run the raising cases at TP=2 with the bad value on rank 1 only
+            (two gloo processes; the class must be importable by name).
+        n_rows, padded_vocab, vocab_size, seed: test shape and RNG seed (``vocab_size > padded_vocab // 2``
+            so that rank 1 of TP=2 holds real columns).
+
+    Raises:
+        AssertionError: naming the case that broke the contract.
+    """
+    from distill_plugins.errors import InputError
+
+    objective = _build(cls_or_instance, params)
+    if padded_vocab % 2 or not padded_vocab // 2 < vocab_size <= padded_vocab or n_rows < 3:
+        raise ValueError("need padded_vocab even, padded_vocab/2 < vocab_size <= padded_vocab and n_rows >= 3")
+    gen = torch.Generator().manual_seed(seed)
+    s = 2.0 * torch.randn(n_rows, padded_vocab, generator=gen)
+    t = 2.0 * torch.randn(n_rows, padded_vocab, generator=gen)
+    row, col = 1, vocab_size - 2  # a real column in the second half: rank 1's shard at TP=2
+    label = type(objective).__name__
+
+    for name, side, fill, message in _NONFINITE_ERRORS:
+        bs, bt = _poison(s, t, side, fill, row, col, vocab_size)
+        try:
+            objective(bs.requires_grad_(True), bt, vocab_size=vocab_size)
+        except InputError as exc:
+            assert message in str(exc), f"{label}: {name} raised InputError without naming it: {exc}"
+        else:
+            raise AssertionError(f"{label}: {name} did not raise InputError (expected a message with {message!r})")
+
+    base, _ = _loss_and_grad(objective, s, t, vocab_size=vocab_size)
+    others = torch.arange(n_rows) != row
+    cases = {"-inf in the same column of both tensors": ("both",), "-inf in the student only": ("student",),
+             "-inf in the teacher only": ("teacher",)}
+    for name, sides in cases.items():
+        bs, bt = s.clone(), t.clone()
+        for side in ("student", "teacher") if sides == ("both",) else sides:
+            (bs if side == "student" else bt)[row, col] = float("-inf")
+        x = bs.clone().requires_grad_(True)
+        loss = objective(x, bt, vocab_size=vocab_size)
+        assert not bool(torch.isnan(loss).any()), f"{label}: {name} gave a NaN loss {loss.tolist()} (finite or +inf)"
+        _close(loss[others].detach(), base[others], 2e-5, f"{label}: {name} changed the loss of other rows")
+        finite = torch.isfinite(loss.detach())
+        if sides == ("both",):
+            assert bool(finite.all()), f"{label}: {name} gave a non-finite loss {loss.tolist()}"
+        if bool(finite.any()):
+            loss[finite].sum().backward()
+            keep = finite.clone()
+            assert bool(torch.isfinite(x.grad[keep]).all()), f"{label}: {name} gave a non-finite gradient"
+
+    if distributed:
+        from distill_plugins.testing.distributed import run_distributed
+
+        results = run_distributed(_nonfinite_tp_worker, 2, timeout=300,
+                                  args=([(type(objective), objective.config)], s, t, vocab_size, row, col))
+        for rank, per_rank in enumerate(results):
+            for name, side, fill, message in _NONFINITE_ERRORS:
+                got = per_rank[0][name]
+                assert got is not None and message in got, (
+                    f"{label}: at TP=2 with {name} on rank 1's shard only, rank {rank} "
+                    f"{'did not raise' if got is None else 'raised ' + repr(got)}")
