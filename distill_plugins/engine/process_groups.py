@@ -88,7 +88,8 @@ def initialize(parallel: ParallelSpec, *, seed: int = 1234, cpu: bool = False,
     _init_torch_distributed(cpu, timeout_minutes)
     world = dist.get_world_size()
     mp = parallel.tensor * parallel.pipeline
-    if world % mp:
+    # already initialised (e.g. a teacher on its own ranks, engine/role_groups.py): the world holds more than this layout
+    if world % mp and not ps.model_parallel_is_initialized():
         raise RecipeError(f"world size {world} is not a multiple of parallel.tensor x parallel.pipeline = "
                           f"{parallel.tensor} x {parallel.pipeline}; launch a multiple of {mp} processes")
     if ps.model_parallel_is_initialized():

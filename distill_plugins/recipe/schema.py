@@ -103,6 +103,24 @@ class ParallelSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TeacherParallelSpec:
+    """A teacher on ranks of its own (docs/separate_teacher.md); the student gets the other ranks of the job."""
+
+    ranks: int = _help("processes (GPUs) running the teacher; the student runs on world size - ranks", default=1)
+    tensor: int = _help("the teacher's tensor-parallel size", default=1)
+    pipeline: int = _help("the teacher's pipeline-parallel size; its data-parallel size is "
+                          "ranks / (tensor x pipeline)", default=1)
+    lookahead: bool = _help("teacher runs one step ahead of the student (one more step of payload held on its "
+                            "last stage); false: it computes each step after the student's previous one", default=True)
+
+    def __post_init__(self):
+        _positive("teacher_parallel", ranks=self.ranks, tensor=self.tensor, pipeline=self.pipeline)
+        if self.ranks % (self.tensor * self.pipeline):
+            raise ValueError(f"teacher_parallel.ranks={self.ranks} is not divisible by teacher_parallel.tensor x "
+                             f"teacher_parallel.pipeline = {self.tensor} x {self.pipeline}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataSpec:
     """Where token sequences come from."""
 
@@ -226,6 +244,9 @@ class Recipe:
     teacher: ModelSpec = _help("the frozen model distilled from", default_factory=ModelSpec)
     reference: Optional[ModelSpec] = _help("frozen reference model (AdaSPEC selector)", default=None)
     parallel: ParallelSpec = _help("model parallelism", default_factory=ParallelSpec)
+    teacher_parallel: Optional[TeacherParallelSpec] = _help(
+        "run the teacher on ranks of its own with its own TP/PP/DP (null: co-located on the student's ranks)",
+        default=None)
     data: DataSpec = _help("training data", default_factory=DataSpec)
     training: TrainingSpec = _help("optimisation", default_factory=TrainingSpec)
     checkpoint: CheckpointSpec = _help("saving and resuming", default_factory=CheckpointSpec)
