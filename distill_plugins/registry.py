@@ -9,6 +9,8 @@ part's ``Config`` dataclass before constructing it.
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -34,6 +36,42 @@ class Entry:
         return f"plugin {self.plugin!r}{dist}"
 
 
+def config_problem(config: type) -> Optional[str]:
+    """Why a part's ``Config`` class cannot hold recipe parameters, or None when it can.
+
+    The class must itself be a dataclass (``@dataclass(frozen=True, kw_only=True)``
+    on the class, not only on :class:`PartConfig`: an undecorated subclass's
+    annotations are not fields, so its parameters would be silently unknown),
+    its annotations must resolve, and every default must have its field's type
+    (``lr: float = "fast"`` would only fail in the first recipe that omits it).
+    When no field is required, the defaults must also pass ``__post_init__``,
+    since a part built without parameters uses them.
+    """
+    if "__dataclass_fields__" not in vars(config):
+        return (f"Config {config.__qualname__} is not a dataclass; decorate it with "
+                "@dataclass(frozen=True, kw_only=True)")
+    try:
+        typing.get_type_hints(config)
+    except Exception as exc:  # NameError, TypeError: an annotation that names nothing importable
+        return f"Config {config.__qualname__} has an annotation that cannot be resolved: {type(exc).__name__}: {exc}"
+    defaults, required = {}, []
+    for f in dataclasses.fields(config):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+        else:
+            required.append(f.name)
+    _, errors = parse_dataclass(config, defaults, f"Config {config.__qualname__} default")
+    errors = [e for e in errors if "missing required key" not in e]
+    if errors:
+        return ("invalid default value(s): " + "; ".join(errors)
+                + "; each default must have its field's type and pass the Config's own checks")
+    return None
+
+
 class Registry:
     """Parts of one kind (``objective``, ``token_selector``, ...), by name."""
 
@@ -49,7 +87,8 @@ class Registry:
 
         Raises:
             PluginError: on a bad name, a class of the wrong kind, a ``Config`` that
-                is not a frozen dataclass, or a duplicate name (naming both owners).
+                is not a dataclass or whose defaults do not fit their types
+                (:func:`config_problem`), or a duplicate name (naming both owners).
         """
         entry = Entry(self.kind, name, cls, plugin, distribution, version)
         if not isinstance(name, str) or not name.isidentifier():
@@ -61,6 +100,9 @@ class Registry:
         if not (isinstance(config, type) and issubclass(config, PartConfig)):
             raise PluginError(f"{entry.owner}: {self.kind} {name!r} has Config={config!r}; it must subclass "
                               "distill_plugins.PartConfig")
+        problem = config_problem(config)
+        if problem:
+            raise PluginError(f"{entry.owner}: {self.kind} {name!r}: {problem}")
         if name in self._entries:
             first = self._entries[name]
             raise PluginError(f"{self.kind} {name!r} is registered twice: by {first.owner} and by {entry.owner}; "

@@ -180,3 +180,53 @@ def test_build_objective_returns_callable_of_the_contract():
     assert out.shape == (4,) and out.dtype == torch.float32
     out.sum().backward()
     assert torch.all(s.grad[:, 9] == 0)
+
+
+BAD_CONFIG_SOURCE = '''
+from dataclasses import dataclass, field
+from typing import Literal
+from distill_plugins import PartConfig, TemperaturePolicy, hookimpl
+
+class Hot(TemperaturePolicy):
+{config}
+    def temperatures(self, ctx, selection):
+        return 2.0
+
+@hookimpl
+def distill_register_temperature_policies(register):
+    register("hot", Hot)
+'''
+
+BAD_CONFIGS = {
+    "undecorated": ("    class Config(PartConfig):\n        value: float = 2.0\n",
+                    "Config Hot.Config is not a dataclass; decorate it with @dataclass(frozen=True, kw_only=True)"),
+    "wrong_type": ("    @dataclass(frozen=True, kw_only=True)\n    class Config(PartConfig):\n"
+                   "        value: float = 'hot'\n",
+                   "invalid default value(s): Config Hot.Config default.value: expected float, got 'hot' (str)"),
+    "not_a_choice": ("    @dataclass(frozen=True, kw_only=True)\n    class Config(PartConfig):\n"
+                     "        shape: Literal['linear', 'cosine'] = 'cubic'\n",
+                     "default.shape: 'cubic' is not one of ['linear', 'cosine']"),
+    "fails_own_check": ("    @dataclass(frozen=True, kw_only=True)\n    class Config(PartConfig):\n"
+                        "        value: float = -1.0\n"
+                        "        def __post_init__(self):\n"
+                        "            if self.value <= 0: raise ValueError(f'value={self.value} must be > 0')\n",
+                        "value=-1.0 must be > 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_registration_rejects_a_config_that_is_no_dataclass_or_has_ill_typed_defaults(tmp_path, monkeypatch, case):
+    config, message = BAD_CONFIGS[case]
+    module = write_plugin(tmp_path, monkeypatch, f"plug_cfg_{case}", BAD_CONFIG_SOURCE.format(config=config))
+    with pytest.raises(PluginError) as err:
+        build_plugin_host([module])
+    text = str(err.value)
+    assert f"plugin 'plug_cfg_{case}'" in text and "temperature_policy 'hot'" in text and message in text
+
+
+def test_required_config_fields_are_allowed(tmp_path, monkeypatch):
+    config = ("    @dataclass(frozen=True, kw_only=True)\n    class Config(PartConfig):\n"
+              "        value: float\n        shape: str = 'linear'\n")
+    module = write_plugin(tmp_path, monkeypatch, "plug_cfg_required", BAD_CONFIG_SOURCE.format(config=config))
+    host = build_plugin_host([module])
+    assert host.build("temperature_policy", "hot", {"value": 3.0}).config.value == 3.0
