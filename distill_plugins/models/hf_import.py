@@ -42,11 +42,12 @@ import torch
 
 from distill_plugins.errors import DistillError
 from distill_plugins.logging import get_logger
-from distill_plugins.models.build import (build_gpt_model, canonical_name, ensure_tp_attributes, ffn_hidden_size,
-                                          full_param_name, model_layout)
+from distill_plugins.models.build import (build_gpt_model, canonical_name, ensure_tp_attributes, full_param_name,
+                                          model_layout)
 from distill_plugins.models.hf_config import HFArchitecture, read_hf_config
 from distill_plugins.models.hf_mapping import Piece, hf_tensor_shapes, local_ranges, partition_dim, tensor_pieces
 from distill_plugins.recipe.schema import ModelSpec
+from distill_plugins.shapes import ffn_hidden_size
 
 __all__ = [
     "HFCheckpoint",
