@@ -4,6 +4,7 @@ Usage::
 
     .venv/bin/python benchmarks/objectives.py            # V in {32768, 131072}, T=2048, TP in {1, 2}
     .venv/bin/python benchmarks/objectives.py --quick    # small sizes, a smoke test
+    .venv/bin/python benchmarks/objectives.py --quick --device cuda   # the same on GPUs (cuda:<rank>)
 
 For every (V, TP) one set of gloo processes (``distill_plugins.testing.distributed``)
 holds random fp32 logit shards ``[T, V / TP]`` and times forward + backward of:
@@ -23,6 +24,12 @@ rise of the process's peak resident set (``VmHWM`` after resetting it through
 set before the call, maximum over ranks; it includes the gradient buffer every
 method allocates. Bytes per token: payload of every ``all_reduce`` (forward and
 backward) and the received part of every ``all_gather``, divided by T.
+
+``--device cuda``: rank ``r`` works on ``cuda:r``; time is measured after a
+``torch.cuda.synchronize()``, and peak extra memory is the caching allocator's
+``max_memory_allocated`` over ``memory_allocated`` before the call. The
+collectives still go through gloo (which handles CUDA tensors), so at TP>1 they
+are slower than NCCL's; compare methods at the same TP.
 
 Also: CSD's O(V) kernel against its O(V^2) pair form at a small V, on one process.
 Prints a table and writes JSON to ``benchmarks/results/objectives.json``.
@@ -134,7 +141,8 @@ def _dense_loss(name: str, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     raise KeyError(name)
 
 
-def _make_methods(group, rank: int, tp: int, v_local: int, tokens: int, have_modelopt: bool, gather: bool):
+def _make_methods(group, rank: int, tp: int, v_local: int, tokens: int, have_modelopt: bool, gather: bool,
+                  device: torch.device = torch.device("cpu")):
     """name -> fn(student_leaf, teacher) returning a scalar to back-propagate."""
     import distill_plugins
 
@@ -184,7 +192,7 @@ def _make_methods(group, rank: int, tp: int, v_local: int, tokens: int, have_mod
 
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    target = torch.randint(0, v_local * tp, (tokens, 1), generator=torch.Generator().manual_seed(1))
+    target = torch.randint(0, v_local * tp, (tokens, 1), generator=torch.Generator().manual_seed(1)).to(device)
 
     def ce(x, t):
         # fp32 input is overwritten in place by megatron: hand it a copy made outside the timing? No: x is
@@ -216,10 +224,14 @@ def _modelopt_status() -> tuple[bool, str]:
 
 
 def bench_worker(rank: int, tp: int, vocab: int, tokens: int, reps: int, only: list[str] | None,
-                 gather: bool = True, skip: list[str] | None = None):
+                 gather: bool = True, skip: list[str] | None = None, device: str = "cpu"):
     import warnings
 
     warnings.filterwarnings("ignore")
+    dev = torch.device("cpu" if device == "cpu" else f"cuda:{rank}")
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(dev)
     group = dist.group.WORLD if tp > 1 else None
     _set_megatron_tp_group(group, rank, tp)
     want_modelopt = not (skip and "modelopt:forward_kl" in skip) and (
@@ -227,9 +239,9 @@ def bench_worker(rank: int, tp: int, vocab: int, tokens: int, reps: int, only: l
     have_modelopt = want_modelopt and _modelopt_status()[0]
     v_local = vocab // tp
     gen = torch.Generator().manual_seed(100 + rank)
-    student = 2.0 * torch.randn(tokens, v_local, generator=gen)
-    teacher = 2.0 * torch.randn(tokens, v_local, generator=gen)
-    methods = _make_methods(group, rank, tp, v_local, tokens, have_modelopt, gather)
+    student = (2.0 * torch.randn(tokens, v_local, generator=gen)).to(dev)
+    teacher = (2.0 * torch.randn(tokens, v_local, generator=gen)).to(dev)
+    methods = _make_methods(group, rank, tp, v_local, tokens, have_modelopt, gather, dev)
     counter = _ByteCounter().install()
     out = {}
     for name, fn in methods.items():
@@ -240,18 +252,28 @@ def bench_worker(rank: int, tp: int, vocab: int, tokens: int, reps: int, only: l
         times, peaks, nbytes = [], [], 0
         for rep in range(reps + 1):
             x = student.clone().requires_grad_(True)
-            _malloc_trim()
-            rss0 = _status_kb("VmRSS")
-            _reset_peak()
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                mem0 = torch.cuda.memory_allocated()
+            else:
+                _malloc_trim()
+                rss0 = _status_kb("VmRSS")
+                _reset_peak()
             counter.bytes = 0
             if group is not None:
                 dist.barrier(group)
             t0 = time.perf_counter()
             fn(x, teacher).backward()
+            if cuda:
+                torch.cuda.synchronize()
             if group is not None:
                 dist.barrier(group)
             elapsed = time.perf_counter() - t0
-            peak = _status_kb("VmHWM") - rss0
+            if cuda:
+                peak = (torch.cuda.max_memory_allocated() - mem0) // 1024
+            else:
+                peak = _status_kb("VmHWM") - rss0
             assert x.grad is not None and x.grad.shape == x.shape
             if rep:
                 times.append(elapsed)
@@ -263,14 +285,15 @@ def bench_worker(rank: int, tp: int, vocab: int, tokens: int, reps: int, only: l
     return out
 
 
-def bench_pairwise(vocab: int, tokens: int, reps: int) -> dict[str, Any]:
+def bench_pairwise(vocab: int, tokens: int, reps: int, device: str = "cpu") -> dict[str, Any]:
     """CSD (U,S) through the fused O(V) kernel against autograd through the O(V^2) pair form."""
     import distill_plugins
 
     obj = distill_plugins.build_objective("csd", w1="U", w2="S")
     gen = torch.Generator().manual_seed(3)
-    s = 2.0 * torch.randn(tokens, vocab, generator=gen)
-    t = 2.0 * torch.randn(tokens, vocab, generator=gen)
+    s = (2.0 * torch.randn(tokens, vocab, generator=gen)).to(device)
+    t = (2.0 * torch.randn(tokens, vocab, generator=gen)).to(device)
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
 
     def pair(x):
         d = x - t
@@ -286,6 +309,7 @@ def bench_pairwise(vocab: int, tokens: int, reps: int) -> dict[str, Any]:
             t0 = time.perf_counter()
             loss = fn(x)
             loss.sum().backward()
+            sync()
             if rep:
                 times.append(time.perf_counter() - t0)
             values = (loss.detach(), x.grad)
@@ -396,8 +420,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--gather-max-vocab", type=int, default=32768,
                    help="skip the gather-then-compute baseline above this V (it needs ~10 full-vocab fp32 "
                         "[T, V] tensors per rank; default 32768)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu, or cuda (rank r on cuda:r; collectives still through gloo)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "objectives.json"))
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch.cuda.is_available() is False (a CPU-only torch build, or no GPU)")
     vocabs = args.vocab or ([4096] if args.quick else [32768, 131072])
     tokens = args.tokens or (64 if args.quick else 2048)
     tps = args.tp or [1, 2]
@@ -412,7 +440,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for tp in tps:
             run_start = time.time()
             gather = vocab <= args.gather_max_vocab
-            per_rank = run_distributed(bench_worker, tp, args=(vocab, tokens, reps, args.only, gather, args.skip))
+            per_rank = run_distributed(bench_worker, tp, args=(vocab, tokens, reps, args.only, gather, args.skip,
+                                                              args.device))
             methods = {}
             for name in per_rank[0]:
                 rows = [r[name] for r in per_rank]
@@ -426,12 +455,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "gather_baseline": gather, "load_average_1m": os.getloadavg()[0],
                          "wall_s": time.time() - run_start})
             print(f"[V={vocab} TP={tp} done in {time.time() - run_start:.0f} s]", flush=True)
-    pairwise = bench_pairwise(128 if args.quick else 1024, 8 if args.quick else 64, reps)
+    pairwise = bench_pairwise(128 if args.quick else 1024, 8 if args.quick else 64, reps, args.device)
     report = {
         "config": {"vocabs": vocabs, "tokens": tokens, "tps": tps, "reps": reps, "quick": args.quick,
-                   "dtype": "float32", "threads_per_rank": 1, "backend": "gloo (CPU)"},
+                   "dtype": "float32", "threads_per_rank": 1, "device": args.device,
+                   "backend": "gloo (CPU)" if args.device == "cpu" else "gloo (CUDA tensors)"},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "load_average_1m": os.getloadavg()[0]},
+                    "load_average_1m": os.getloadavg()[0],
+                    "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None},
         "modelopt": modelopt if ok else f"unavailable: {modelopt}; no modelopt comparison was made",
         "runs": runs,
         "pairwise": pairwise,
