@@ -420,6 +420,8 @@ def plan(recipe: Recipe, *, nodes: int, gpus_per_node: int, gpu_memory_gb: float
         raise DistillError(f"--nodes and --gpus-per-node must be >= 1, got {nodes} and {gpus_per_node}")
     if gpu_memory_gb <= 0:
         raise DistillError(f"--gpu-memory-gb must be > 0, got {gpu_memory_gb}")
+    if recipe.teacher_parallel is not None:  # two layouts: distill_plugins.plan_separate (distill plan picks it)
+        raise DistillError("the recipe has teacher_parallel: plan it with distill_plugins.plan_separate.plan_separate")
     warnings = list(warnings or [])
     student = resolve_shape("student", recipe.student, warnings)
     teacher = resolve_shape("teacher", recipe.teacher, warnings)

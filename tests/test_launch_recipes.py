@@ -13,7 +13,8 @@ from distill_plugins.recipe.load import load_recipe_data
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = sorted((ROOT / "recipes/cluster").glob("*.yaml"))
-NAME = re.compile(r"^[a-z0-9.\-]+-to-[a-z0-9.\-]+_[a-z0-9\-]+_tp\d+pp\d+-\d+x\d+\.yaml$")
+#: layout tp<T>pp<P>-<nodes>x<gpus>; a teacher on its own ranks adds t<ranks>tp<T>pp<P>- in front
+NAME = re.compile(r"^[a-z0-9.\-]+-to-[a-z0-9.\-]+_[a-z0-9\-]+_(t\d+tp\d+pp\d+-)?tp\d+pp\d+-\d+x\d+\.yaml$")
 #: recipes `distill check` rejects today for a reason outside the recipe (see the reason)
 
 
@@ -23,9 +24,9 @@ def no_entry_points(monkeypatch):
     monkeypatch.setenv(NO_ENTRY_POINTS_ENV, "1")
 
 
-def test_the_four_cluster_recipes_are_there_and_named_by_convention():
+def test_the_five_cluster_recipes_are_there_and_named_by_convention():
     names = [p.name for p in CLUSTER]
-    assert len(names) == 4
+    assert len(names) == 5
     for name in names:
         assert NAME.match(name), f"{name} is not <teacher>-to-<student>_<objective>_<layout>.yaml"
     data = {p.name: load_recipe_data(p) for p in CLUSTER}

@@ -203,10 +203,10 @@ def test_bad_input_is_reported():
 
 def test_every_cluster_recipe_plans_and_fits_its_named_layout():
     recipes = sorted(CLUSTER.glob("*.yaml"))
-    assert len(recipes) == 4
+    assert len(recipes) == 5
     for path in recipes:
-        layout = path.stem.rsplit("_", 1)[1]  # e.g. tp1pp1-2x8
-        parallel, shape = layout.split("-")
+        layout = path.stem.rsplit("_", 1)[1]  # e.g. tp1pp1-2x8, or t24tp8pp1-tp1pp1-4x8 (teacher on its own ranks)
+        *_, parallel, shape = layout.split("-")
         nodes, gpus = map(int, shape.split("x"))
         tp, pp = map(int, parallel.removeprefix("tp").split("pp"))
         report = plan_recipe(path, nodes=nodes, gpus_per_node=gpus)

@@ -27,6 +27,7 @@ from typing import Sequence
 from distill_plugins.config import parse_dataclass
 from distill_plugins.errors import RecipeError
 from distill_plugins.plan import PlanReport, plan
+from distill_plugins.plan_separate import plan_separate
 from distill_plugins.recipe.load import load_recipe_data, normalize_part
 from distill_plugins.recipe.schema import PART_SECTIONS, Recipe
 
@@ -116,5 +117,6 @@ def plan_recipe(path: str | os.PathLike, *, nodes: int, gpus_per_node: int, gpu_
                 overrides: Sequence[str] = (), flash_attention: bool = True) -> PlanReport:
     """:func:`load_for_plan` then :func:`distill_plugins.plan.plan`."""
     recipe = load_for_plan(path, overrides)
-    return plan(recipe, nodes=nodes, gpus_per_node=gpus_per_node, gpu_memory_gb=gpu_memory_gb,
+    planner = plan if recipe.teacher_parallel is None else plan_separate  # a teacher on its own ranks
+    return planner(recipe, nodes=nodes, gpus_per_node=gpus_per_node, gpu_memory_gb=gpu_memory_gb,
                 recipe_path=str(path), overrides=overrides, flash_attention=flash_attention)

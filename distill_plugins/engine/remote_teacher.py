@@ -89,7 +89,7 @@ from distill_plugins.engine.teacher_ranks import (PayloadHeader, Route, check_pa
                                                   microbatches_per_step, routing_table, separate_teacher_errors,
                                                   teacher_items, weight_routes)
 from distill_plugins.engine.trainer import NonFiniteLossError
-from distill_plugins.errors import DistillError, RecipeError, RecipeWarning
+from distill_plugins.errors import DistillError, RecipeError
 from distill_plugins.logging import get_logger
 from distill_plugins.models.build import model_layout
 from distill_plugins.models.sources import build_teacher
@@ -565,7 +565,7 @@ def start_side(recipe: Recipe, roles: Roles, *, cpu: bool, vocab_size: int,
 
     Start-up is collective: a failure on any rank raises on every rank (:func:`agree_start`).
     """
-    errors = [e for e in separate_teacher_errors(recipe, world=roles.layout.world) if not isinstance(e, RecipeWarning)]
+    errors = separate_teacher_errors(recipe, world=roles.layout.world)
     if errors:
         raise RecipeError(errors)
     side, provider, error = None, None, None

@@ -53,7 +53,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from distill_plugins.errors import RecipeError, RecipeWarning
+from distill_plugins.errors import RecipeError
 from distill_plugins.plan import resolve_shape
 from distill_plugins.recipe.schema import Recipe, padded_vocab_size
 from distill_plugins.shapes import ffn_hidden_size
@@ -357,7 +357,7 @@ def microbatches_per_step(recipe: Recipe, student_dp: int) -> int:
 # ---------------------------------------------------------------------------
 
 
-def separate_teacher_errors(recipe: Recipe, *, world: Optional[int] = None, teacher: Any = None) -> list:
+def separate_teacher_errors(recipe: Recipe, *, world: Optional[int] = None, teacher: Any = None) -> list[str]:
     """Every problem of ``recipe``'s ``teacher_parallel`` layout, each naming its keys (empty when co-located).
 
     Args:
@@ -369,8 +369,8 @@ def separate_teacher_errors(recipe: Recipe, *, world: Optional[int] = None, teac
             from ``teacher.hf``'s config.json when the directory exists, else the recipe's keys.
 
     Returns:
-        Error strings, and :class:`~distill_plugins.errors.RecipeWarning` items for notes
-        (a model directory absent on this machine).
+        Error strings (the notes of resolving ``teacher.hf``, e.g. an absent directory, are left to
+        the caller, which resolves the models itself).
     """
     tpar = recipe.teacher_parallel
     if tpar is None:
@@ -378,15 +378,13 @@ def separate_teacher_errors(recipe: Recipe, *, world: Optional[int] = None, teac
     errors: list = []
     if teacher is None:
         teacher = recipe.teacher
-        if teacher.hf:  # config.json when the directory exists, else the recipe's keys (with a note)
-            notes: list[str] = []
+        if teacher.hf:  # config.json when the directory exists, else the recipe's keys
             try:
-                teacher = resolve_shape("teacher", recipe.teacher, notes)
+                teacher = resolve_shape("teacher", recipe.teacher, [])  # its notes are the caller's business
             except RecipeError as exc:
                 return list(exc.errors)
-            errors.extend(RecipeWarning(n) for n in notes)
-        elif teacher.megatron or teacher.checkpoint:
-            teacher = None  # refused below; its shape is in the checkpoint
+    if recipe.teacher.megatron or recipe.teacher.checkpoint:
+        teacher = None  # refused below; the recipe's shape keys do not describe a checkpoint
     if teacher is not None:
         tp, pp = tpar.tensor, tpar.pipeline
         groups = teacher.num_query_groups or teacher.num_attention_heads
@@ -428,7 +426,7 @@ def separate_teacher_errors(recipe: Recipe, *, world: Optional[int] = None, teac
                               f"{role}.hf (or convert: distill export)")
     if world is not None:
         errors.extend(_world_errors(recipe, world))
-        if not errors or all(isinstance(e, RecipeWarning) for e in errors):
+        if not errors:
             par = recipe.parallel
             student_dp = (world - tpar.ranks) // (par.tensor * par.pipeline)
             if t.global_batch_size % (t.micro_batch_size * student_dp):

@@ -39,6 +39,11 @@ def describe_recipe(recipe: Recipe, host) -> Iterator[str]:
             yield _model_line(role, spec, recipe)
     p = recipe.parallel
     yield f"layout: TP={p.tensor} PP={p.pipeline} (DP = world size / {p.tensor * p.pipeline}), device={recipe.device}"
+    if recipe.teacher_parallel is not None:  # docs/separate_teacher.md
+        t = recipe.teacher_parallel
+        yield (f"teacher on its own ranks: the last {t.ranks} processes, TP={t.tensor} PP={t.pipeline} "
+               f"DP={t.ranks // (t.tensor * t.pipeline)}; the student's DP = (world size - {t.ranks}) / "
+               f"{p.tensor * p.pipeline}")
     t = recipe.training
     yield (f"training: {t.steps} steps, global batch {t.global_batch_size}, micro batch {t.micro_batch_size}, "
            f"seq {recipe.data.seq_length}, lr {t.lr}")

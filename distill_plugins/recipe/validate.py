@@ -28,6 +28,7 @@ from ..aligners.base import resolve_aligner
 from ..config import parse_dataclass, to_plain
 from ..data.embedded import DEFAULT_VOCAB_SIZE
 from ..data.tokenizer import load_tokenizer
+from ..engine.teacher_ranks import separate_teacher_errors
 from ..errors import DistillError, InputError, RecipeError, RecipeWarning
 from ..logging import get_logger
 from .load import normalize_part
@@ -80,6 +81,8 @@ def _structure_errors(recipe: Recipe, vocab_out: Optional[dict[str, Optional[int
                 continue  # checkpoint absent on this machine: the recipe's shape keys do not describe it
         if vocab_out is not None:
             vocab_out[role] = spec.vocab_size
+        if role == "teacher" and recipe.teacher_parallel is not None:
+            continue  # the teacher on its own ranks has its own TP/PP: separate_teacher_errors below
         if spec.num_attention_heads % tp:
             errors.append(f"{role}.num_attention_heads={spec.num_attention_heads} is not divisible by "
                           f"parallel.tensor={tp}")
@@ -91,6 +94,7 @@ def _structure_errors(recipe: Recipe, vocab_out: Optional[dict[str, Optional[int
         if recipe.data.seq_length > spec.max_position_embeddings:
             errors.append(f"data.seq_length={recipe.data.seq_length} exceeds {role}.max_position_embeddings="
                           f"{spec.max_position_embeddings}")
+    errors.extend(separate_teacher_errors(recipe))  # teacher_parallel: docs/separate_teacher.md
     if recipe.parallel.sequence_parallel and tp == 1:
         errors.append("parallel.sequence_parallel=true needs parallel.tensor > 1")
     data = recipe.data
