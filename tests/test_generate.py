@@ -384,3 +384,13 @@ def test_sampling_follows_the_filtered_distribution():
     want = torch.softmax(torch.tensor([1.0, 0.5, 0.0]), 0)
     assert freq[3] == 0
     torch.testing.assert_close(freq[:3], want, atol=0.03, rtol=0)
+
+
+def test_config_from_sequence_source_sampling():
+    from distill_plugins import SamplingParams
+
+    cfg = GenerationConfig.from_sampling(SamplingParams(temperature=0.7, top_p=0.9, top_k=5, max_new_tokens=12),
+                                         eos_token_id=[2, 3], seed=4)
+    assert (cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens, cfg.seed) == (0.7, 0.9, 5, 12, 4)
+    assert cfg.eos_ids == (2, 3) and cfg.pad_id == 2 and not cfg.greedy
+    assert GenerationConfig.from_sampling(SamplingParams(temperature=0.0)).greedy
