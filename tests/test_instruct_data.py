@@ -10,6 +10,7 @@ from a few stdlib files in a temporary cache (well under a second).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -21,8 +22,8 @@ import torch
 
 from distill_plugins.data import instruct as instruct_mod
 from distill_plugins.data.chat_template import PlainTemplate, load_chat_template
-from distill_plugins.data.embedded_instruct import build_embedded_instruct, examples_of_file, first_paragraph
 from distill_plugins.data.embedded_corpus import stdlib_root
+from distill_plugins.data.embedded_instruct import build_embedded_instruct, examples_of_file, first_paragraph
 from distill_plugins.data.instruct import (
     InstructEvalData,
     InstructMicrobatchIterator,
@@ -32,11 +33,13 @@ from distill_plugins.data.instruct import (
     render_records,
     tokenize_rendered,
 )
+from distill_plugins.data.instruct_aligned import InstructAlignedIterator
 from distill_plugins.data.iterators import MicrobatchIterator, build_data, build_eval_data
 from distill_plugins.data.sources import SyntheticSource
+from distill_plugins.data.text_batches import build_aligned_data, build_aligned_eval_data
 from distill_plugins.data.tokenizer import load_tokenizer
 from distill_plugins.errors import DistillError, InputError
-from distill_plugins.recipe.schema import DataSpec, Recipe, TrainingSpec
+from distill_plugins.recipe.schema import DataSpec, PartSpec, Recipe, TrainingSpec
 from test_aligners import docstrings, train_bpe
 
 SEQ = 96
@@ -420,3 +423,95 @@ def test_embedded_task_split_by_package_without_leakage(tmp_path, toks, monkeypa
     valid = build_eval_data(r, dp_rank=0, dp_size=1)
     assert valid.num_examples == len(rows["valid"])
     assert all(text in {x["response"] for x in rows["valid"]} for b in valid for text in b["reference_texts"])
+
+
+# ---------------------------------------------------------------------------
+# Cross-tokenizer aligners
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher_tok(toks):
+    """A second byte-level BPE (700 tokens, no chat tokens) for the teacher."""
+    path = toks["root"] / "teacher.json"
+    train_bpe(700, docstrings()).save(str(path))
+    return path
+
+
+def aligned_recipe(paths, student, teacher, **data) -> Recipe:
+    r = recipe(paths, student, split="100,0,0", **data)
+    return dataclasses.replace(r, data=dataclasses.replace(r.data, teacher_tokenizer=str(teacher)),
+                               aligner=PartSpec(name="eta"))
+
+
+def _check_pairs(batch) -> None:
+    """Paired positions predict response tokens on both sides, covering the same characters."""
+    mask = batch["aligned_mask"]
+    rows, s_pos = mask.nonzero(as_tuple=True)
+    t_pos = batch["align_teacher_pos"][rows, s_pos]
+    assert (batch["student_labels"][rows, s_pos] != -100).all()
+    assert (batch["teacher_labels"][rows, t_pos] != -100).all()
+    assert torch.equal(batch["student_label_offsets"][rows, s_pos], batch["teacher_label_offsets"][rows, t_pos])
+    assert int(batch["num_aligned"]) == int(mask.sum()) and int(batch["num_student_targets"]) == int(
+        (batch["labels"] != -100).sum())
+
+
+def test_aligned_instruct_batches_same_and_different_tokenizers(toks, teacher_tok, tmp_path):
+    rows = pairs(30)
+    rows[3]["prompt"] = "Long context: " + " ".join(f"word{j}" for j in range(120))  # truncated from the left
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    single = build_data(recipe([path], toks["file"], split="100,0,0"), dp_rank=0, dp_size=1)
+    same = build_aligned_data(aligned_recipe([path], toks["file"], toks["file"]), dp_rank=0, dp_size=1)
+    cross = build_aligned_data(aligned_recipe([path], toks["file"], teacher_tok), dp_rank=0, dp_size=1)
+    assert isinstance(cross, InstructAlignedIterator)
+    tok_t = load_tokenizer(teacher_tok)
+    tok_s = load_tokenizer(toks["file"])
+    aligned = targets = whole = 0
+    saw_truncated = False
+    for _ in range(16):  # past one epoch of 30 examples
+        ref, a, c = next(single), next(same), next(cross)
+        for batch in (a, c):  # the student side is the single-tokenizer path's
+            for key in ("tokens", "labels", "loss_mask", "prompt_tokens", "example_ids"):
+                assert torch.equal(batch[key], ref[key]), key
+            assert torch.equal(batch["student_tokens"], batch["tokens"])
+            _check_pairs(batch)
+        # one tokenizer on both sides: every response target pairs with itself
+        assert torch.equal(a["teacher_tokens"], a["tokens"]) and torch.equal(a["teacher_labels"], a["labels"])
+        rows_, s_pos = a["aligned_mask"].nonzero(as_tuple=True)
+        assert torch.equal(a["align_teacher_pos"][rows_, s_pos], s_pos) and int(a["num_aligned"]) == int(
+            a["num_student_targets"])
+        # the teacher labels the same response text (and its EOS) when its window holds it
+        for row in range(2):
+            s_lab, t_lab = c["labels"][row], c["teacher_labels"][row]
+            s_text = tok_s.decode([i for i in s_lab.tolist() if i not in (-100, tok_s.eos_id)])
+            t_text = tok_t.decode([i for i in t_lab.tolist() if i not in (-100, tok_t.eos_id)])
+            if (t_lab == tok_t.eos_id).sum() == (s_lab == tok_s.eos_id).sum() == 1:
+                assert s_text == t_text == c["reference_texts"][row]
+                whole += 1
+            saw_truncated |= int(c["example_ids"][row]) == 3
+        aligned += int(c["num_aligned"])
+        targets += int(c["num_student_targets"])
+    assert saw_truncated and whole >= 16
+    assert 0.5 < aligned / targets < 1.0, (aligned, targets)
+
+
+def test_aligned_chat_template_and_resume(toks, teacher_tok, tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION[1:3]}] * 6 + [{"messages": CONVERSATION}] * 2)
+    r = aligned_recipe([path], toks["chat"], teacher_tok, seq_length=128)
+    it = build_aligned_data(r, dp_rank=0, dp_size=1)
+    batches = _take(it, 4)
+    for batch in batches:
+        _check_pairs(batch)
+    # the student's <|im_start|>/<|im_end|> are one token each, the teacher spells them out; tokens after them
+    # still pair because specials count as the text they are written as
+    assert sum(int(b["num_aligned"]) for b in batches) > 0
+    saved = it.state_dict()
+    assert saved["stream"] == "instruct"
+    resumed = build_aligned_data(r, dp_rank=0, dp_size=1, consumed_samples=saved["consumed_samples"])
+    for x, y in zip(_take(it, 3), _take(resumed, 3)):  # prefetched batches equal freshly built ones
+        _assert_same(x, y)
+    held = build_aligned_eval_data(dataclasses.replace(r, data=dataclasses.replace(r.data, split="50,50,0")),
+                                   dp_rank=0, dp_size=1, num_microbatches=2)
+    assert held.num_examples == 4 and len(held) == 2
+    for x, y in zip(held, held):
+        _assert_same(x, y)

@@ -40,7 +40,7 @@ __all__ = ["AlignerInputs", "AlignerOutput", "AlignerBase", "ObjectiveSpec", "re
            "recipe_problems", "LOGIT_FREE_POLICIES"]
 
 #: data kinds that hold raw text (cross-tokenizer alignment re-tokenizes it).
-TEXT_DATA_KINDS = ("jsonl", "embedded")
+TEXT_DATA_KINDS = ("jsonl", "embedded", "instruct")
 
 #: temperature policies that combine with loss-computing aligners (they do not read the logits)
 LOGIT_FREE_POLICIES = ("constant", "schedule")

@@ -273,6 +273,9 @@ class Example:
         generation_prompt_end: tokens before the last response (the generation prompt).
         reference: the last assistant message.
         where: ``file:line``.
+        text, spans, eos_after_response: the rendering (:class:`Rendered`).
+        offsets: int64 ``[n, 2]`` character span of each token in ``text``
+            (an EOS added after a response spans ``(end, end)`` of it).
     """
 
     ids: np.ndarray
@@ -281,6 +284,10 @@ class Example:
     generation_prompt_end: int
     reference: str
     where: str
+    text: str = ""
+    spans: tuple = ()
+    eos_after_response: bool = False
+    offsets: Optional[np.ndarray] = None
 
 
 def _encode_with_offsets(tok: Tokenizer, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -324,6 +331,8 @@ def tokenize_rendered(rendered: Sequence[Rendered], tok: Tokenizer) -> list[Exam
             cuts = [int(np.nonzero(owner == k)[0].max()) + 1 for k in ks]
             ids = np.insert(ids, cuts, tok.eos_id)
             owner = np.insert(owner, cuts, ks)
+            ends = [item.spans[k][1] for k in ks]
+            offsets = np.insert(offsets, cuts, np.stack([ends, ends], axis=1), axis=0)
         present = set(owner[owner >= 0].tolist())
         if len(present) != len(item.spans):
             raise InputError(f"{item.where}: a response renders to no token with tokenizer {tok.name}")
@@ -333,7 +342,8 @@ def tokenize_rendered(rendered: Sequence[Rendered], tok: Tokenizer) -> list[Exam
             raise InputError(f"{item.where}: the rendering starts with the response, so no position predicts its "
                              "first token; put a prompt (a user message) before it")
         last = int(np.nonzero(owner == owner.max())[0][0])
-        examples.append(Example(ids.astype(np.int64), response, first, last, item.reference, item.where))
+        examples.append(Example(ids.astype(np.int64), response, first, last, item.reference, item.where,
+                                item.text, item.spans, item.eos_after_response, offsets))
     return examples
 
 
@@ -368,12 +378,12 @@ class InstructSource:
         self.split_code = SPLIT_CODES[split]
         self.pad_id, self.description = int(pad_id), description
         window = self.seq_length + 1
-        kept_ids, kept_resp, prompts, refs, wheres = [], [], [], [], []
+        kept_ids, kept_resp, prompts, refs, kept, starts = [], [], [], [], [], []
         stats = dict(records=len(examples), examples=0, truncated=0, dropped=0, prompt_over_length=0,
                      response_tokens=0, prompt_tokens=0, padding_tokens=0)
         for ex in examples:
             n, p = len(ex.ids), ex.prompt_end
-            ids, resp = ex.ids, ex.response
+            ids, resp, lo = ex.ids, ex.response, 0
             if p > self.seq_length:
                 stats["prompt_over_length"] += 1
             if n > window:
@@ -381,15 +391,16 @@ class InstructSource:
                     stats["dropped"] += 1
                     continue
                 keep_prompt = min(p, max(window - (n - p), window // 2))
-                ids = ids[p - keep_prompt:p - keep_prompt + window]
-                resp = resp[p - keep_prompt:p - keep_prompt + window]
+                lo = p - keep_prompt
+                ids, resp = ids[lo:lo + window], resp[lo:lo + window]
                 stats["truncated"] += 1
             gen = ex.ids[:ex.generation_prompt_end][-self.seq_length:]
             kept_ids.append(ids)
             kept_resp.append(resp)
             prompts.append(gen)
             refs.append(ex.reference)
-            wheres.append(ex.where)
+            kept.append(ex)
+            starts.append(lo)
             labelled = int(resp[1:].sum())
             stats["response_tokens"] += labelled
             stats["prompt_tokens"] += len(ids) - labelled
@@ -399,7 +410,8 @@ class InstructSource:
             raise InputError(f"{description} ({split}): all {len(examples)} examples are longer than "
                              f"data.seq_length+1={window} tokens and data.truncation=drop drops them; raise "
                              "data.seq_length or set data.truncation: left")
-        self.ids, self.response, self.prompts, self.references, self.wheres = kept_ids, kept_resp, prompts, refs, wheres
+        self.ids, self.response, self.prompts, self.references = kept_ids, kept_resp, prompts, refs
+        self.examples, self.starts = kept, starts  # the untruncated examples; window k is examples[k].ids[starts[k]:]
         self.num_samples = len(kept_ids)
         self.stats = stats
         self._epoch, self._perm = -1, None

@@ -290,8 +290,14 @@ def build_aligned_data(recipe, *, dp_rank: int, dp_size: int, pairing: str = "et
         split: ``train`` (default), ``valid`` or ``test``.
 
     Collective for embedded data or ``embedded:N`` tokenizers when
-    torch.distributed is initialised (every rank must call it).
+    torch.distributed is initialised (every rank must call it). ``data.kind:
+    instruct`` dispatches to :mod:`distill_plugins.data.instruct_aligned`.
     """
+    if recipe.data.kind == "instruct":
+        from .instruct_aligned import build_instruct_aligned_data  # local: it builds on this module's iterator
+
+        return build_instruct_aligned_data(recipe, dp_rank=dp_rank, dp_size=dp_size, pairing=pairing,
+                                           consumed_samples=consumed_samples, split=split)
     source, collator = _parts(recipe, split, pairing)
     return AlignedMicrobatchIterator(source, collator, micro_batch_size=recipe.training.micro_batch_size,
                                      dp_rank=dp_rank, dp_size=dp_size, consumed_samples=consumed_samples,
@@ -305,6 +311,11 @@ def build_aligned_eval_data(recipe, *, dp_rank: int, dp_size: int, pairing: str 
     Every evaluation sees the first ``num_microbatches * micro_batch_size *
     dp_size`` samples of the split. Collective like :func:`build_aligned_data`.
     """
+    if recipe.data.kind == "instruct":
+        from .instruct_aligned import build_instruct_aligned_eval_data  # local: it builds on this module's iterator
+
+        return build_instruct_aligned_eval_data(recipe, dp_rank=dp_rank, dp_size=dp_size, pairing=pairing,
+                                                split=split, num_microbatches=num_microbatches)
     source, collator = _parts(recipe, split, pairing)
     n = num_microbatches if num_microbatches is not None else recipe.training.eval_batches
     if n < 0:
