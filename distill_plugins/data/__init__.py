@@ -13,6 +13,10 @@ Modules:
     iterators          resumable training microbatches of one DP rank (``build_data``, ``build_eval_data``)
     text_batches       raw-text batches with both tokenizations for cross-tokenizer aligners
     alignment_collate  the exact token alignment of two tokenizations, collated per microbatch
+    instruct           prompt/response and chat records (``data.kind: instruct``): response-only labels, padded batches
+    chat_template      rendering conversations: a tokenizer's jinja2 chat template or the plain template
+    instruct_aligned   instruct batches with both tokenizations for cross-tokenizer aligners
+    embedded_instruct  the built-in stdlib instruction task (``data.paths: [embedded]``), split by package
     synthetic          layout-independent synthetic token batches for tests and smoke runs
     progress, cache    progress lines for long work; atomic cache files
 """
