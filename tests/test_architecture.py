@@ -53,7 +53,6 @@ PENDING_FUNCTION_IMPORTS: frozenset[str] = frozenset({
     "distill_plugins/cli/export.py",
     "distill_plugins/cli/main.py",
     # data (shared modules)
-    "distill_plugins/data/iterators.py",
     "distill_plugins/data/sources.py",
     # demo
     "distill_plugins/demo/evaluate.py",
@@ -80,8 +79,6 @@ PENDING_FUNCTION_IMPORTS: frozenset[str] = frozenset({
 PENDING_CYCLES: frozenset[frozenset[str]] = frozenset({
     # recipe.validate imports normalize_part from recipe.load at the top; recipe.load imports validate in a function
     frozenset({"distill_plugins.recipe.load", "distill_plugins.recipe.validate"}),
-    # data.instruct's iterator derives from data.iterators' base; build_data imports instruct in a function
-    frozenset({"distill_plugins.data.instruct", "distill_plugins.data.iterators"}),
 })
 
 #: Words that make a comment a marker rather than a reason.

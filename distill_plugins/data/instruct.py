@@ -83,8 +83,9 @@ from ..errors import InputError
 from ..logging import get_logger, global_rank
 from .chat_template import ChatTemplate, PlainTemplate, TemplateError, load_chat_template
 from .embedded_instruct import build_embedded_instruct
-from .iterators import ConsumedSamplesIterator, _rank0_first
 from .sources import SPLIT_CODES, expand_inputs, split_ranges
+from .stream import ConsumedSamplesIterator
+from .stream import rank0_first as _rank0_first
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["EMBEDDED", "Record", "Rendered", "Example", "read_records", "select_template", "render_records",
@@ -473,7 +474,8 @@ class InstructMicrobatchIterator(ConsumedSamplesIterator):
     Args:
         source: an :class:`InstructSource`.
         micro_batch_size, dp_rank, dp_size, consumed_samples, max_microbatches,
-        kind, split: as for :class:`~distill_plugins.data.iterators.MicrobatchIterator`.
+        kind, split: as for :class:`~distill_plugins.data.iterators.MicrobatchIterator`
+        (:class:`~distill_plugins.data.stream.ConsumedSamplesIterator`).
 
     Attributes:
         response_tokens: labelled positions yielded so far by this iterator (this rank).

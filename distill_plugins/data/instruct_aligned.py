@@ -36,9 +36,10 @@ response targets) and ``num_aligned``. Batches prefetch in a thread like the
 text path's; the state is ``consumed_samples`` with ``stream: "instruct"`` (the
 sample order is the single-tokenizer path's).
 
-Usage::
+Usage (``text_batches.build_aligned_data`` dispatches here for ``data.kind: instruct``)::
 
-    train = build_instruct_aligned_data(recipe, dp_rank=r, dp_size=dp, pairing="eta")
+    pair = text_batches.load_tokenizer_pair(recipe)
+    train = build_instruct_aligned_data(recipe, tokenizers=pair, dp_rank=r, dp_size=dp, pairing="eta")
 """
 
 from __future__ import annotations
@@ -52,18 +53,10 @@ from ..aligners.eta import align_tokens
 from ..errors import InputError
 from .alignment_collate import AlignmentCollator
 from .instruct import InstructSource, collate_instruct, instruct_source
-from .text_batches import AlignedMicrobatchIterator, load_tokenizer_pair
+from .stream import PrefetchingIterator
 
 __all__ = ["InstructAlignedCollator", "InstructAlignedIterator", "InstructAlignedEvalData",
            "build_instruct_aligned_data", "build_instruct_aligned_eval_data"]
-
-
-class _SampleIds:
-    """The iterator's source: sample ``i`` is ``i`` (the collator looks the example up itself)."""
-
-    @staticmethod
-    def sample(index: int) -> int:
-        return int(index)
 
 
 def _text_byte_lengths(side) -> Optional[np.ndarray]:
@@ -173,13 +166,23 @@ class InstructAlignedCollator:
         return out
 
 
-class InstructAlignedIterator(AlignedMicrobatchIterator):
-    """One DP rank's aligned instruction microbatches (prefetched); state ``stream: "instruct"``."""
+class InstructAlignedIterator(PrefetchingIterator):
+    """One DP rank's aligned instruction microbatches (prefetched); state ``stream: "instruct"``.
+
+    Args:
+        collator: the :class:`InstructAlignedCollator`.
+        **kw: :class:`~distill_plugins.data.stream.PrefetchingIterator` arguments
+            (``micro_batch_size``, ``dp_rank``, ``dp_size``, ``consumed_samples``, ...).
+    """
 
     stream = "instruct"
 
-    def __init__(self, collator: InstructAlignedCollator, **kw):
-        super().__init__(_SampleIds(), collator, **kw)
+    def __init__(self, collator: InstructAlignedCollator, **kw: Any):
+        super().__init__(seq_length=collator.student.seq_length, **kw)
+        self.collator = collator
+
+    def _build(self, first: int) -> dict[str, Any]:
+        return self.collator(range(first, first + self.micro_batch_size))
 
     @property
     def stats(self) -> dict:
@@ -202,8 +205,8 @@ class InstructAlignedEvalData:
         return self.num_microbatches
 
 
-def _collator(recipe, split: str, pairing: str) -> InstructAlignedCollator:
-    student, teacher = load_tokenizer_pair(recipe)
+def _collator(recipe, split: str, pairing: str, tokenizers: tuple) -> InstructAlignedCollator:
+    student, teacher = tokenizers
     s = recipe.data.seq_length
     sides = AlignmentCollator(student, teacher, seq_length=s, teacher_seq_length=s, pairing=pairing)
     # after the collator: it switches the tokenizers to untrimmed offsets, which the source must see too
@@ -211,21 +214,29 @@ def _collator(recipe, split: str, pairing: str) -> InstructAlignedCollator:
     return InstructAlignedCollator(source, sides)
 
 
-def build_instruct_aligned_data(recipe, *, dp_rank: int, dp_size: int, pairing: str = "eta",
+def build_instruct_aligned_data(recipe, *, tokenizers: tuple, dp_rank: int, dp_size: int, pairing: str = "eta",
                                 consumed_samples: int = 0, split: str = "train") -> InstructAlignedIterator:
-    """``build_aligned_data`` for ``data.kind: instruct`` (same arguments; collective like it)."""
-    return InstructAlignedIterator(_collator(recipe, split, pairing), micro_batch_size=recipe.training.micro_batch_size,
+    """``build_aligned_data`` for ``data.kind: instruct`` (collective like it).
+
+    Args:
+        tokenizers: ``(student, teacher)`` loaded tokenizers (``text_batches.load_tokenizer_pair(recipe)``).
+        dp_rank, dp_size, pairing, consumed_samples, split: as for ``build_aligned_data``.
+    """
+    return InstructAlignedIterator(_collator(recipe, split, pairing, tokenizers), micro_batch_size=recipe.training.micro_batch_size,
                                    dp_rank=dp_rank, dp_size=dp_size, consumed_samples=consumed_samples,
                                    kind=recipe.data.kind, split=split)
 
 
-def build_instruct_aligned_eval_data(recipe, *, dp_rank: int, dp_size: int, pairing: str = "eta",
+def build_instruct_aligned_eval_data(recipe, *, tokenizers: tuple, dp_rank: int, dp_size: int, pairing: str = "eta",
                                      split: str = "valid",
                                      num_microbatches: Optional[int] = None) -> InstructAlignedEvalData:
-    """``build_aligned_eval_data`` for ``data.kind: instruct`` (``training.eval_batches`` microbatches by default)."""
+    """``build_aligned_eval_data`` for ``data.kind: instruct`` (``training.eval_batches`` microbatches by default).
+
+    ``tokenizers`` as for :func:`build_instruct_aligned_data`.
+    """
     n = num_microbatches if num_microbatches is not None else recipe.training.eval_batches
     if n < 0:
         raise ValueError(f"num_microbatches={n} must be >= 0")
-    return InstructAlignedEvalData(_collator(recipe, split, pairing), num_microbatches=n,
+    return InstructAlignedEvalData(_collator(recipe, split, pairing, tokenizers), num_microbatches=n,
                                    micro_batch_size=recipe.training.micro_batch_size, dp_rank=dp_rank,
                                    dp_size=dp_size, kind=recipe.data.kind, split=split)

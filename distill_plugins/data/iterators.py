@@ -45,75 +45,16 @@ import torch
 from ..errors import InputError
 from ..logging import get_logger
 from .embedded import DEFAULT_VOCAB_SIZE, build_embedded
+from .instruct import build_instruct_data, build_instruct_eval_data
 from .sources import SPLIT_CODES, SyntheticSource, jsonl_source, megatron_sources
+# the iterator base and the rank-0-first helper live in .stream (no cycle with .instruct); the names
+# ConsumedSamplesIterator and _rank0_first stay importable from here for existing callers
+from .stream import ConsumedSamplesIterator
+from .stream import dist_if_initialized as _dist
+from .stream import rank0_first as _rank0_first
 from .tokenizer import Tokenizer, load_tokenizer
 
 log = get_logger(__name__)
-
-
-class ConsumedSamplesIterator:
-    """Shared bookkeeping of resumable microbatch iterators (the contract in the module docstring).
-
-    Microbatch ``k`` of DP rank ``r`` covers global samples ``[c + r*b, c + (r+1)*b)``
-    with ``c`` the consumed count before it; the state is that count. ``stream``
-    names what the batches hold (``tokens`` or ``text``), so a checkpoint of one
-    kind of stream never silently resumes the other.
-    """
-
-    stream = "tokens"
-
-    def __init__(self, *, micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int = 0,
-                 max_microbatches: Optional[int] = None, kind: str = "", split: str = "train", seq_length: int):
-        if micro_batch_size <= 0:
-            raise ValueError(f"micro_batch_size={micro_batch_size} must be > 0")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_size={dp_size})")
-        self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
-        self.consumed_samples = self._checked(consumed_samples)
-        self.max_microbatches = max_microbatches
-        self.kind, self.split = kind, split
-        self._yielded = 0
-        self._positions = torch.arange(seq_length, dtype=torch.int64).unsqueeze(0).expand(
-            micro_batch_size, seq_length).contiguous()
-
-    def _checked(self, consumed: int) -> int:
-        step = self.micro_batch_size * self.dp_size
-        if consumed < 0 or consumed % step:
-            raise ValueError(f"consumed_samples={consumed} must be a non-negative multiple of "
-                             f"micro_batch_size*dp_size={step}")
-        return int(consumed)
-
-    def __iter__(self):
-        return self
-
-    def _next_first(self) -> int:
-        """The first global sample of the next microbatch of this rank (StopIteration when bounded and done)."""
-        if self.max_microbatches is not None and self._yielded >= self.max_microbatches:
-            raise StopIteration
-        return self.consumed_samples + self.dp_rank * self.micro_batch_size
-
-    def _advance(self) -> None:
-        self.consumed_samples += self.micro_batch_size * self.dp_size
-        self._yielded += 1
-
-    def state_dict(self) -> dict:
-        """What a checkpoint needs to resume this iterator: the global consumed-sample count."""
-        return {"consumed_samples": self.consumed_samples, "kind": self.kind, "split": self.split,
-                "stream": self.stream}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from a :meth:`state_dict` (same recipe data section)."""
-        saved = state.get("stream", "tokens")
-        if saved != self.stream:
-            what = {"tokens": "token-id batches", "text": "raw-text batches of a cross-tokenizer aligner",
-                    "instruct": "prompt/response batches (data.kind: instruct)"}
-            raise InputError(f"the checkpoint was trained on {what.get(saved, saved)}, this run reads "
-                             f"{what.get(self.stream, self.stream)}; resume with the aligner and tokenizers it "
-                             "was written with")
-        if state.get("kind", self.kind) != self.kind:
-            raise InputError(f"checkpoint data state is for data.kind={state.get('kind')!r}, this run has "
-                             f"{self.kind!r}; resume with the data section the checkpoint was written with")
-        self.consumed_samples = self._checked(int(state["consumed_samples"]))
 
 
 class MicrobatchIterator(ConsumedSamplesIterator):
@@ -169,29 +110,6 @@ def resolve_tokenizer(recipe, which: str = "student") -> Optional[Tokenizer]:
     if spec is None and (data.kind == "embedded" or (data.kind == "instruct" and list(data.paths) == ["embedded"])):
         spec = f"embedded:{DEFAULT_VOCAB_SIZE}"  # the embedded corpus and the embedded instruction task
     return load_tokenizer(spec) if spec else None
-
-
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def _rank0_first(fn):
-    """Run ``fn`` on global rank 0, barrier, then on the other ranks (they hit the caches rank 0 built)."""
-    dist = _dist()
-    if dist is None:
-        return fn()
-    out = None
-    if dist.get_rank() == 0:
-        try:
-            out = fn()
-        finally:  # the others must not wait forever when rank 0 fails: they then fail on their own
-            dist.barrier()
-    else:
-        dist.barrier()
-        out = fn()
-    return out
 
 
 def _synthetic_vocab(recipe) -> int:
@@ -279,8 +197,6 @@ def build_data(recipe, *, dp_rank: int, dp_size: int, consumed_samples: int = 0,
     if split not in SPLIT_CODES:
         raise ValueError(f"split={split!r} is not one of train, valid, test")
     if recipe.data.kind == "instruct":
-        from .instruct import build_instruct_data  # local: instruct's iterator derives from this module's base
-
         return build_instruct_data(recipe, dp_rank=dp_rank, dp_size=dp_size, consumed_samples=consumed_samples,
                                    split=split)
     source = build_sources(recipe, dp_size=dp_size, splits=(split,))[split]
@@ -314,8 +230,6 @@ def build_eval_data(recipe, *, dp_rank: int, dp_size: int, split: str = "valid",
     across steps and runs. Collective like :func:`build_data`.
     """
     if recipe.data.kind == "instruct":
-        from .instruct import build_instruct_eval_data  # local: instruct's iterator derives from this module's base
-
         return build_instruct_eval_data(recipe, dp_rank=dp_rank, dp_size=dp_size, split=split,
                                         num_microbatches=num_microbatches)
     source = build_sources(recipe, dp_size=dp_size, splits=(split,))[split]

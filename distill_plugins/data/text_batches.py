@@ -48,6 +48,7 @@ import torch
 
 from ..errors import InputError
 from .alignment_collate import AlignmentCollator
+from .instruct_aligned import build_instruct_aligned_data, build_instruct_aligned_eval_data
 from .iterators import ConsumedSamplesIterator, _rank0_first, resolve_tokenizer
 from .sources import SPLIT_CODES, expand_inputs, iter_texts, split_ranges
 
@@ -294,10 +295,9 @@ def build_aligned_data(recipe, *, dp_rank: int, dp_size: int, pairing: str = "et
     instruct`` dispatches to :mod:`distill_plugins.data.instruct_aligned`.
     """
     if recipe.data.kind == "instruct":
-        from .instruct_aligned import build_instruct_aligned_data  # local: it builds on this module's iterator
-
-        return build_instruct_aligned_data(recipe, dp_rank=dp_rank, dp_size=dp_size, pairing=pairing,
-                                           consumed_samples=consumed_samples, split=split)
+        return build_instruct_aligned_data(recipe, tokenizers=load_tokenizer_pair(recipe), dp_rank=dp_rank,
+                                           dp_size=dp_size, pairing=pairing, consumed_samples=consumed_samples,
+                                           split=split)
     source, collator = _parts(recipe, split, pairing)
     return AlignedMicrobatchIterator(source, collator, micro_batch_size=recipe.training.micro_batch_size,
                                      dp_rank=dp_rank, dp_size=dp_size, consumed_samples=consumed_samples,
@@ -312,10 +312,9 @@ def build_aligned_eval_data(recipe, *, dp_rank: int, dp_size: int, pairing: str 
     dp_size`` samples of the split. Collective like :func:`build_aligned_data`.
     """
     if recipe.data.kind == "instruct":
-        from .instruct_aligned import build_instruct_aligned_eval_data  # local: it builds on this module's iterator
-
-        return build_instruct_aligned_eval_data(recipe, dp_rank=dp_rank, dp_size=dp_size, pairing=pairing,
-                                                split=split, num_microbatches=num_microbatches)
+        return build_instruct_aligned_eval_data(recipe, tokenizers=load_tokenizer_pair(recipe), dp_rank=dp_rank,
+                                                dp_size=dp_size, pairing=pairing, split=split,
+                                                num_microbatches=num_microbatches)
     source, collator = _parts(recipe, split, pairing)
     n = num_microbatches if num_microbatches is not None else recipe.training.eval_batches
     if n < 0:
