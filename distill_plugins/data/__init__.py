@@ -10,6 +10,7 @@ Modules:
     embedded           the embedded corpus's indexed datasets (``build_embedded``)
     sources            text sources: jsonl / plain files, document iteration
     indexed            megatron indexed datasets: writing and reading
+    stream             the consumed-samples iterator base (resumption, DP sharding), prefetching, rank0_first
     iterators          resumable training microbatches of one DP rank (``build_data``, ``build_eval_data``)
     text_batches       raw-text batches with both tokenizations for cross-tokenizer aligners
     alignment_collate  the exact token alignment of two tokenizations, collated per microbatch
