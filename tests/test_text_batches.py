@@ -87,27 +87,56 @@ def test_jsonl_documents_match_the_token_id_split(files):
     assert sum(len(d) for d in splits.values()) == len(every)
 
 
-def test_packing_rule():
-    docs = ["a" * 5, "b" * 7, "  ", "", "c" * 3, "d" * 11]
-    src = PackedTextSource(docs, seed=3, split="train", chars_budget=12)
-    kept = ["a" * 5, "b" * 7, "c" * 3, "d" * 11]
-    assert src.documents == kept  # blank documents dropped
-    n = len(kept)
-    for i in range(3 * n):
-        epoch, j = divmod(i, n)
-        order = np.random.default_rng([3, 0, epoch]).permutation(n).tolist()
-        text = src.sample(i)
-        parts = text.split("\n\n")
-        assert parts[0] == kept[order[j]]
-        assert parts == [kept[order[(j + k) % n]] for k in range(len(parts))]
-        assert len(text) >= 12 and len("\n\n".join(parts[:-1])) < 12  # stops as soon as the budget is met
-    # every document starts exactly one sample per epoch
-    assert sorted(src.sample(i).split("\n\n")[0] for i in range(n)) == sorted(kept)
-    # a corpus shorter than the budget: every document once, none repeated
-    whole = PackedTextSource(kept, seed=3, split="valid", chars_budget=10_000).sample(5)
-    assert sorted(whole.split("\n\n")) == sorted(kept)
+def _stream_ids(src: PackedTextSource, tok) -> np.ndarray:
+    """The split's student token stream: each document with the separator before it, tokenized."""
+    pieces = src.documents[:1] + ["\n\n" + d for d in src.documents[1:]]
+    return np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in tok.encode_batch(pieces,
+                                                                                         add_special_tokens=False)])
+
+
+def test_windows_walk_whole_documents(files):
+    """Consecutive windows of SEQ student tokens cover the split's token stream end to end, each once per epoch."""
+    recipe = _recipe(files)
+    it = build_aligned_data(recipe, dp_rank=0, dp_size=1)
+    src, collator = it.source, it.collator
+    backend = collator.student.backend
+    assert "   " not in src.documents and "" not in src.documents  # blank documents dropped
+    ids = _stream_ids(src, backend)
+    assert src.num_tokens == ids.size and src.num_windows == ids.size // SEQ > 50
+    inputs, labels = [], []
+    for k0 in range(0, src.num_windows, 64):  # every window, collated 64 at a time
+        batch = collator([src.window(k) for k in range(k0, min(k0 + 64, src.num_windows))])
+        inputs.append(batch["student_tokens"].reshape(-1))
+        labels.append(batch["student_labels"].reshape(-1))
+    inputs, labels = torch.cat(inputs).numpy(), torch.cat(labels).numpy()
+    n = src.num_windows * SEQ
+    assert np.array_equal(inputs, ids[:n])  # window k holds stream tokens [k*s, k*s + s): nothing skipped
+    assert np.array_equal(labels[:-1], ids[1:n])  # pre-shifted next tokens, across window boundaries too
+    assert ids.size - n < SEQ  # only the split's last tokens (< one window) are left out
+    # the longest document is trained on from its first token to its last
+    longest = max(src.documents, key=len)
+    assert len(backend.encode(longest, add_special_tokens=False).ids) > 3 * SEQ
+    # one epoch: each window exactly once, in a seeded order; the next epoch reshuffles
+    w = src.num_windows
+    first = [src.sample(i) for i in range(w)]
+    assert sorted(first) == sorted(src.window(k) for k in range(w))
+    order = np.random.default_rng([7, 0, 1]).permutation(w)
+    assert [src.sample(w + j) for j in range(3)] == [src.window(int(k)) for k in order[:3]]
     with pytest.raises(InputError, match="no non-blank documents"):
-        PackedTextSource(["", " \n"], seed=0, split="test", chars_budget=10)
+        PackedTextSource(["", " \n"], seed=0, split="test", tokenizer=backend, seq_length=SEQ)
+
+
+def test_last_window_ends_the_stream_with_eos(files):
+    """A split shorter than a window is one sample: the whole text, then EOS, then padding."""
+    recipe = _recipe(files)
+    collator = build_aligned_data(recipe, dp_rank=0, dp_size=1).collator
+    src = PackedTextSource(["def f(x):", "return x"], seed=0, split="valid", tokenizer=collator.student.backend,
+                           seq_length=SEQ)
+    assert src.num_windows == 1 and src.sample(0) == src.sample(1) == "def f(x):\n\nreturn x"
+    row = collator([src.sample(0)])
+    ids = _stream_ids(src, collator.student.backend)
+    valid = row["student_labels"][0] != -100
+    assert row["student_labels"][0][valid].tolist() == ids[1:].tolist() + [collator.student.eos_id]
 
 
 # ---------------------------------------------------------------------------
@@ -235,9 +264,9 @@ def test_prefetching_changes_no_batch(files):
 
 
 def test_resume_past_an_epoch(files):
-    recipe = _recipe(files, split="40,30,30")  # a few dozen valid documents: epoch 1 starts early
+    recipe = _recipe(files, split="90,9,1")  # a small valid split: epoch 1 starts early
     it = build_aligned_data(recipe, dp_rank=0, dp_size=1, split="valid")
-    n = it.source.num_documents
+    n = it.source.num_windows
     start = (n // 2 + 1) * 2  # the first microbatch boundary past one epoch
     a = next(build_aligned_data(recipe, dp_rank=0, dp_size=1, split="valid", consumed_samples=start))
     assert a["sample_ids"].tolist() == [start, start + 1] and start >= n

@@ -8,13 +8,20 @@ a split is a string (:class:`PackedTextSource`), and
 :class:`~distill_plugins.data.alignment_collate.AlignmentCollator` encodes
 each microbatch with both tokenizers and aligns them.
 
-Packing: with ``N`` documents, ``epoch, j = divmod(i, N)`` and ``order =
-default_rng([seed, SPLIT_CODES[split], epoch]).permutation(N)``. Sample ``i``
-is document ``order[j]`` followed by ``order[j+1], order[j+2], ...``
-(wrapping, at most ``N`` documents) joined by ``"\\n\\n"`` until it has at
-least ``chars_budget`` characters (default ``max_chars_per_token *
-(seq_length + 2)``, the collator's encoding window), so short documents still
-fill the sequence. Blank documents are dropped.
+Packing (as the token-id path, :class:`~distill_plugins.data.sources.PackedSource`):
+the split's non-blank documents, in corpus order, form one text stream
+``d_0 + "\\n\\n" + d_1 + "\\n\\n" + ...``, tokenized once with the student
+tokenizer (each document with the separator before it, which is how the
+byte-level pre-tokenizer splits the joined text). Window ``k`` is the student
+tokens ``[k*s, k*s + s + 1)`` of the stream (``s = data.seq_length``; windows
+share their boundary token), ``W = max(1, T // s)`` windows for ``T`` stream
+tokens, so consecutive windows walk every document from its beginning to its
+end and across into the next; only the last ``< s`` tokens of the split are
+left out, as on the token-id path. Sample ``i`` of epoch ``e, j = divmod(i, W)``
+is window ``default_rng([seed, SPLIT_CODES[split], e]).permutation(W)[j]``; its
+text runs from the window's first token to a few tokens past its end (the
+collator re-tokenizes it and keeps ``s + 1`` student tokens), or to the end of
+the stream for the window that reaches it (the collator then appends EOS).
 
 Order and resumption follow :mod:`distill_plugins.data.iterators`: sample
 ``i`` is a pure function of ``(seed, split, i)``; microbatch ``k`` of DP rank
@@ -100,55 +107,74 @@ def text_documents(recipe, split: str) -> list[str]:
     return docs
 
 
+#: student tokens of text kept past a window's end, so re-tokenizing its text reproduces its last tokens
+LOOKAHEAD_TOKENS = 8
+
+
 class PackedTextSource:
-    """Sample ``i`` -> one text of at least ``chars_budget`` characters (see the module docstring).
+    """Sample ``i`` -> the text of one window of ``seq_length`` student tokens (see the module docstring).
 
     Args:
-        documents: the split's documents; blank ones are dropped.
+        documents: the split's documents in corpus order; blank ones are dropped.
         seed: the recipe seed.
         split: ``train``, ``valid`` or ``test`` (part of the shuffle seed).
-        chars_budget: minimum characters per sample (fewer only when all
-            documents together are shorter).
+        tokenizer: the student's ``tokenizers.Tokenizer`` with untrimmed offsets
+            (``AlignmentCollator(...).student.backend``), which the collator re-tokenizes with.
+        seq_length: student tokens per window (``data.seq_length``).
+
+    Attributes:
+        text: the split's text stream; ``token_starts`` / ``token_ends`` int64
+            ``[T]``: character span of each stream token.
+        num_windows: ``W = max(1, T // seq_length)``, the samples of one epoch.
     """
 
-    def __init__(self, documents: Sequence[str], *, seed: int, split: str, chars_budget: int):
+    def __init__(self, documents: Sequence[str], *, seed: int, split: str, tokenizer: Any, seq_length: int):
         _check_split(split)
-        if chars_budget <= 0:
-            raise ValueError(f"chars_budget={chars_budget} must be > 0")
+        if seq_length <= 0:
+            raise ValueError(f"seq_length={seq_length} must be > 0")
         self.documents = [d for d in documents if d and not d.isspace()]
         if not self.documents:
             raise InputError(f"the {split} split has no non-blank documents ({len(documents)} given)")
-        self.seed, self.split, self.chars_budget = int(seed), split, int(chars_budget)
+        self.seed, self.split, self.seq_length = int(seed), split, int(seq_length)
         self.split_code = SPLIT_CODES[split]
         self.num_documents = len(self.documents)
+        pieces = self.documents[:1] + [DOCUMENT_SEPARATOR + d for d in self.documents[1:]]
+        self.text = "".join(pieces)
+        starts, ends, base = [], [], 0
+        for piece, enc in zip(pieces, tokenizer.encode_batch(pieces, add_special_tokens=False)):
+            off = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+            starts.append(off[:, 0] + base)
+            ends.append(off[:, 1] + base)
+            base += len(piece)
+        self.token_starts, self.token_ends = np.concatenate(starts), np.concatenate(ends)
+        self.num_tokens = int(self.token_starts.size)
+        if self.num_tokens == 0:
+            raise InputError(f"the {split} split's {self.num_documents} documents give no student tokens")
+        self.num_windows = max(1, self.num_tokens // self.seq_length)
         self._epoch, self._order = -1, None
 
     def order(self, epoch: int) -> np.ndarray:
-        """Document order of ``epoch``: ``default_rng([seed, split_code, epoch]).permutation(N)``."""
+        """Window order of ``epoch``: ``default_rng([seed, split_code, epoch]).permutation(W)``."""
         if epoch != self._epoch:
             rng = np.random.default_rng([self.seed, self.split_code, int(epoch)])
-            self._epoch, self._order = epoch, rng.permutation(self.num_documents)
+            self._epoch, self._order = epoch, rng.permutation(self.num_windows)
         return self._order
+
+    def window(self, k: int) -> str:
+        """The text of window ``k``: from its first token to ``LOOKAHEAD_TOKENS`` tokens past its end."""
+        first = int(k) * self.seq_length
+        last = first + self.seq_length + LOOKAHEAD_TOKENS
+        start = int(self.token_starts[first])
+        if last >= self.num_tokens - 1:
+            return self.text[start:]  # reaches the stream's end: the collator appends EOS when it fits
+        return self.text[start:int(self.token_ends[last])]
 
     def sample(self, index: int) -> str:
         """The text of global sample ``index`` (>= 0)."""
         if index < 0:
             raise ValueError(f"sample index {index} must be >= 0")
-        epoch, j = divmod(int(index), self.num_documents)
-        order = self.order(epoch)
-        parts, size = [], -len(DOCUMENT_SEPARATOR)
-        for k in range(self.num_documents):
-            doc = self.documents[int(order[(j + k) % self.num_documents])]
-            parts.append(doc)
-            size += len(DOCUMENT_SEPARATOR) + len(doc)
-            if size >= self.chars_budget:
-                break
-        return DOCUMENT_SEPARATOR.join(parts)
-
-
-def default_chars_budget(collator: AlignmentCollator) -> int:
-    """``max_chars_per_token * (seq_length + 2)``: the collator's own encoding window."""
-    return collator.max_chars_per_token * (collator.student.seq_length + 2)
+        epoch, j = divmod(int(index), self.num_windows)
+        return self.window(int(self.order(epoch)[j]))
 
 
 class AlignedMicrobatchIterator(ConsumedSamplesIterator):
@@ -273,7 +299,8 @@ def _parts(recipe, split: str, pairing: str) -> tuple[PackedTextSource, Alignmen
     student, teacher = load_tokenizer_pair(recipe)
     collator = AlignmentCollator(student, teacher, seq_length=data.seq_length, teacher_seq_length=data.seq_length,
                                  pairing=pairing)
-    source = PackedTextSource(documents, seed=recipe.seed, split=split, chars_budget=default_chars_budget(collator))
+    source = PackedTextSource(documents, seed=recipe.seed, split=split, tokenizer=collator.student.backend,
+                              seq_length=data.seq_length)
     return source, collator
 
 
