@@ -222,7 +222,7 @@ def test_dskd_logs_its_terms(run):
 def test_ce_only_runs_build_no_teacher(run):
     assert run["ce_only_has_teacher"] is False
     losses, width, text = run["ce_pp2"]
-    assert width == 32 and text is False  # student hidden only; the student's own token batches
+    assert width == 32 and text is True  # student hidden only; the raw-text batches the dskd run reads
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 
 

@@ -27,7 +27,23 @@ Per microbatch (last stage), with ``b, s`` the batch and sequence sizes::
     hs [s, b, d_s],      ht [s, b, d_t]          output-layer inputs (DSKD only)
     pairs = pair_rows(batch, "bs")               aligned rows of the flattened logits
     out   = aligner.loss(AlignerInputs(...))     token sum + count (aligned tokens)
-    loss  = kd_weight * out.loss_sum + ce_weight * CE(student, labels)
+    loss  = kd_weight * out.loss_sum + ce_weight * CE(student, labels) * aligned / valid
+
+The step divides the summed microbatch losses by its global aligned-token
+count (the KD normaliser). The CE term's own normaliser is the student's valid
+tokens: each microbatch's CE sum is scaled by ``aligned / valid`` (its aligned
+and valid student tokens), so its contribution is ``aligned * CE_mean`` and
+the step's CE term is ``ce_weight`` times the aligned-weighted mean of the
+microbatches' CE token means: the CE token mean when every microbatch has the
+same coverage, and never ``valid / aligned`` times too heavy (the ~2.4x of
+eta/dskd before). The logged ``loss`` is that objective; ``ce_loss`` the exact
+token mean.
+
+A CE-only run (``loss.kd_weight: 0``) builds no teacher and no aligner, but
+when the recipe's aligner would read raw-text batches (a cross-tokenizer
+aligner and two different tokenizers) it trains on those same batches
+(:attr:`AlignerRuntime.text_batches`), so it is the baseline of the aligner run
+on the same tokens.
 
 Only temperature policies that do not read the teacher's logits
 (``constant``, ``schedule``) and the ``all`` selector combine with these
@@ -37,6 +53,7 @@ says so.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import torch
@@ -63,6 +80,9 @@ PROJECTOR_ATTR = "is_distill_aligner_parameter"
 #: report keys of every loss-computing aligner (coverage), before its own term keys
 COVERAGE_KEYS = ("aligned", "student_targets")
 
+#: sum over microbatches of ``aligned * CE_mean``: the CE term the step optimises (module docstring)
+CE_ALIGNED_KEY = "ce_aligned_sum"
+
 
 def _same_tokenizer(student_tok: Any, teacher_tok: Any) -> bool:
     """No second tokenizer, the same object, or every token string with the same id on both sides."""
@@ -82,9 +102,10 @@ class AlignerRuntime:
     """
 
     def __init__(self, aligner: Optional[VocabAligner], name: str, *, student_vocab_size: int,
-                 teacher_vocab_size: int, text_batches: bool):
+                 teacher_vocab_size: int, text_batches: bool, kd_weight: float = 1.0, ce_weight: float = 0.0):
         self.aligner, self.name = aligner, name
         self.text_batches = text_batches
+        self.kd_weight, self.ce_weight = float(kd_weight), float(ce_weight)
         self.student_vocab_size, self.teacher_vocab_size = student_vocab_size, teacher_vocab_size
         self.stage: Any = None  # the DistillStage whose output weights a hidden-state aligner reads (attach)
 
@@ -106,10 +127,16 @@ class AlignerRuntime:
     @classmethod
     def build(cls, recipe: Any, host: Any, *, student_vocab_size: int, teacher_vocab_size: int) -> "AlignerRuntime":
         """Build the (resolved) aligner through ``host`` and give it tokenizers and objective."""
-        if recipe.loss.kd_weight == 0:  # no teacher is built: the student trains on its own tokens
-            return cls(None, "none", student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size,
-                       text_batches=False)
+        weights = dict(kd_weight=recipe.loss.kd_weight, ce_weight=recipe.loss.ce_weight)
         name = resolve_aligner(recipe).aligner.name
+        if recipe.loss.kd_weight == 0:  # no teacher is built: CE only, on the batches the aligner would read
+            text = host.part_class("vocab_aligner", name).cross_tokenizer and not _same_tokenizer(
+                *(as_backend(t) if t is not None else None for t in _tokenizers(recipe)))
+            if text:
+                log.info("CE-only run on the raw-text batches of aligner %s (the baseline of that aligner's run)",
+                         name)
+            return cls(None, "none", student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size,
+                       text_batches=text, **weights)
         aligner = host.build("vocab_aligner", name, dict(recipe.aligner.params))
         if not aligner.computes_loss:
             if student_vocab_size != teacher_vocab_size:
@@ -117,7 +144,7 @@ class AlignerRuntime:
                                   f"{student_vocab_size} tokens and the teacher {teacher_vocab_size}; use a "
                                   "cross-tokenizer aligner (dskd, eta, uld) with data.teacher_tokenizer set")
             return cls(aligner, name, student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size,
-                       text_batches=False)
+                       text_batches=False, **weights)
         problems = recipe_problems(recipe, name)  # the engine-side twin of the check-time rule
         if problems:
             raise RecipeError(problems)
@@ -134,7 +161,7 @@ class AlignerRuntime:
                  f"two tokenizers, text batches paired by {aligner.pairing}" if text else "one tokenizer",
                  student_vocab_size, teacher_vocab_size)
         return cls(aligner, name, student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size,
-                   text_batches=text)
+                   text_batches=text, **weights)
 
     def attach(self, stage: Any, *, tp_group: Any, seed: int) -> None:
         """Build the aligner's trainable modules on the last stage and attach them to ``stage`` (before DDP)."""
@@ -221,8 +248,14 @@ class AlignerRuntime:
             for term in self.aligner.term_names:
                 if term in out.terms:
                     report[f"aligner/{term}"] += out.terms[term].detach().double()
-        return finish_report(report, parts, kd_sum, kd_count, s_all, rows.labels, idx, tp_group=tp_group,
-                             vocab_size=self.student_vocab_size)
+        # CE normaliser: the student's valid tokens (module docstring): scale this microbatch's CE by aligned / valid
+        n_valid = int(idx.numel())
+        ce_scale = kd_count / n_valid if parts.kd_weight > 0 and n_valid > 0 else 1.0
+        ce_parts = dataclasses.replace(parts, ce_weight=parts.ce_weight * ce_scale) if ce_scale != 1.0 else parts
+        loss, count, report = finish_report(report, ce_parts, kd_sum, kd_count, s_all, rows.labels, idx,
+                                            tp_group=tp_group, vocab_size=self.student_vocab_size)
+        report[CE_ALIGNED_KEY] += report["ce_sum"] * ce_scale
+        return loss, count, report
 
     @staticmethod
     def _temperature(parts: LossParts, s_all: torch.Tensor, idx: torch.Tensor, step: int, total_steps: int) -> float:
@@ -245,7 +278,7 @@ class AlignerRuntime:
         """Additive report keys this aligner adds to :data:`~distill_plugins.engine.loss.REPORT_KEYS`."""
         if not self.computes_loss:
             return ()
-        return COVERAGE_KEYS + tuple(f"aligner/{t}" for t in self.aligner.term_names)
+        return COVERAGE_KEYS + (CE_ALIGNED_KEY,) + tuple(f"aligner/{t}" for t in self.aligner.term_names)
 
     @property
     def report_keys_all(self) -> tuple[str, ...]:
@@ -257,6 +290,9 @@ class AlignerRuntime:
         if not self.computes_loss or sums.get("student_targets", 0) <= 0:
             return {}
         out = {f"{prefix}aligned_fraction": sums["aligned"] / sums["student_targets"]}
+        if not prefix and sums.get("kd_count", 0) > 0:
+            # the objective the step optimises (CE normalised by valid tokens), overriding the trainer's sum / aligned
+            out["loss"] = (self.kd_weight * sums["kd_sum"] + self.ce_weight * sums[CE_ALIGNED_KEY]) / sums["kd_count"]
         if not prefix:
             for term in self.aligner.term_names:
                 key = f"aligner/{term}"
