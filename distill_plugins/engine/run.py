@@ -41,9 +41,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from distill_plugins.errors import DistillError, RecipeError
+from distill_plugins.errors import DistillError, RecipeError, RecipeWarning
 from distill_plugins.logging import configure_logging, get_logger
 from distill_plugins.recipe.schema import Recipe
+from distill_plugins.recipe.validate import tokenizer_vocab_errors
 
 __all__ = ["run", "resolve_vocab_sizes", "resolve_specs", "Engine"]
 
@@ -82,7 +83,7 @@ def resolve_vocab_sizes(recipe: Recipe) -> tuple[int, int]:
     the aligner's business (:class:`.alignment.AlignerRuntime`).
 
     Raises:
-        RecipeError: a size is unknown.
+        RecipeError: a size is unknown, or a tokenizer has more tokens than its model's vocabulary.
     """
     s, t = recipe.student.vocab_size, recipe.teacher.vocab_size
     two_tokenizers = bool(recipe.data.teacher_tokenizer)
@@ -99,6 +100,11 @@ def resolve_vocab_sizes(recipe: Recipe) -> tuple[int, int]:
         if size is None:
             key = "data.tokenizer" if who == "student" else "data.teacher_tokenizer"
             raise RecipeError(f"the {who}'s vocabulary size is unknown: set {who}.vocab_size or {key}")
+    # the check `distill check` runs, again with the sizes the run uses (megatron:/checkpoint: shapes read now)
+    too_large = [e for e in tokenizer_vocab_errors(recipe, {"student": s, "teacher": t})
+                 if not isinstance(e, RecipeWarning)]
+    if too_large:
+        raise RecipeError(too_large)
     return int(s), int(t)
 
 
