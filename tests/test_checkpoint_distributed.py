@@ -1,8 +1,12 @@
 """Two gloo ranks in one process group: per-rank checkpoint save/load with exact resume, a failed
-rank aborting the commit, stop-signal agreement, and the collective indexed-data build."""
+rank aborting the commit, stop-signal agreement, the collective indexed-data build, and megatron's
+dist_checkpointing save failing on one rank between its collectives (every rank raises, no hang;
+the failures are simulated: rank 0's common.pt write, rank 1's writer process), plus a corrupted
+model_dist/ file refused at load on every rank."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -95,6 +99,50 @@ def rank_body(rank, world_size, ckpt_dir, data_prefix, tok_path, out_dir):
     whole = {"w": ShardedTensor.from_rank_offsets("w", torch.zeros(4, 3), replica_id=rank)}  # another layout
     result["dist_whole"] = load_dist_model_state(ck, whole)["w"]
     result["shard"] = shard
+
+    # -- megatron's save fails on one rank between two of its collectives: every rank raises ----------
+    from megatron.core.dist_checkpointing.strategies import common as mcommon
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+
+    def dist_save(step):
+        sharded = {"w": ShardedTensor.from_rank_offsets("w", shard, (0, rank, world_size), replica_id=0)}
+        return save_checkpoint(ckpt_dir + "_dist", step, model_state={"w": shard}, sharded_model_state=sharded)
+
+    def error_of(fn):
+        try:
+            fn()
+        except DistillError as exc:
+            return str(exc)
+        return None
+
+    save_common = mcommon.TorchCommonSaveStrategy.save_common
+    if rank == 0:  # only rank 0 writes common.pt; here its disk is read-only
+        def read_only(self, state, checkpoint_dir):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.path.join(str(checkpoint_dir), "common.pt"))
+
+        mcommon.TorchCommonSaveStrategy.save_common = read_only
+    result["common_fail"] = error_of(lambda: dist_save(2))
+    mcommon.TorchCommonSaveStrategy.save_common = save_common
+    write_item = fsa._write_item
+    if rank == 1:  # rank 1's writer process (forked by megatron) finds the disk full
+        def disk_full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        fsa._write_item = disk_full
+    result["writer_fail"] = error_of(lambda: dist_save(3))
+    fsa._write_item = write_item
+    dist.barrier()
+    result["dist_dirs"] = sorted(os.listdir(ckpt_dir + "_dist"))
+    result["dist_latest"] = str(find_latest_checkpoint(ckpt_dir + "_dist"))
+    # -- a flipped byte in model_dist/ (rank 1's share or not): loading refuses on every rank ----------
+    model_dist = os.path.join(str(path), "model_dist")
+    if rank == 0:
+        name = sorted(f for f in os.listdir(model_dist) if f.endswith(".distcp"))[-1]
+        data = bytearray(open(os.path.join(model_dist, name), "rb").read())
+        data[-10] ^= 0xFF
+        open(os.path.join(model_dist, name), "wb").write(bytes(data))
+    dist.barrier()
+    result["load_flipped"] = error_of(lambda: load_dist_model_state(ck, same))
     return result
 
 
@@ -152,3 +200,22 @@ def test_dist_checkpointing_weights_reshard(results):
     for r in res:
         assert torch.equal(r["dist_same"], r["shard"])
         assert torch.equal(r["dist_whole"], torch.arange(12.0).reshape(4, 3))
+
+
+def test_dist_save_failing_on_one_rank_fails_everywhere(results):
+    """rank 0's common.pt and rank 1's writer: both ranks get the documented error; nothing committed."""
+    root, res = results
+    for r in res:
+        assert "step_000002 was not saved" in r["common_fail"] and "previous checkpoint is intact" in r["common_fail"]
+        assert "rank 0" in r["common_fail"] and "Read-only file system" in r["common_fail"]
+        assert "common.pt" in r["common_fail"]
+        assert "step_000003 was not saved" in r["writer_fail"] and "No space left on device" in r["writer_fail"]
+        assert r["dist_latest"].endswith("step_000001")
+        assert r["dist_dirs"] == ["step_000001"], r["dist_dirs"]  # failed saves leave no temporary directory
+
+
+def test_corrupt_model_dist_is_refused_on_every_rank(results):
+    _, res = results
+    for r in res:
+        assert r["load_flipped"] is not None and "checksum mismatch" in r["load_flipped"]
+        assert "model_dist/" in r["load_flipped"]

@@ -4,6 +4,12 @@ Two process groups for the whole module: one 4-process job (TP=2 x PP=2
 training, parity layouts, NaN guard) and one single-process reference
 (TP=1 x PP=1). Worker bodies live at module top level (spawned processes import
 this module).
+
+Faults are injected through public seams only: the teacher is sharpened by
+editing its (frozen) weights after the engine is built, NaN logits come from a
+torch forward hook on one rank's student output layer, and the NaN-guard runs go
+through the engine's own loop (``Engine.train``) with a callback that records
+the steps.
 """
 
 from __future__ import annotations
@@ -48,6 +54,29 @@ def _sharpen_teacher(model):
             p.mul_(20.0)
 
 
+def _poison_logits(eng, when, scale=float("nan")):
+    """A forward hook on this rank's student output layer: logits x ``scale`` while ``when(step)`` holds."""
+    def hook(module, args, output):
+        logits, bias = output
+        return (logits * scale, bias) if when(eng.trainer.step) else output
+
+    return eng.trainer.stage.student.output_layer.register_forward_hook(hook)
+
+
+def _record_steps(eng) -> list:
+    """Every StepResult of ``eng.train``, through the loop's callback protocol."""
+    from distill_plugins.engine.callbacks import Callback
+
+    results = []
+
+    class Recorder(Callback):
+        def on_step_end(self, engine, result):
+            results.append(result)
+
+    eng.add_callback(Recorder())
+    return results
+
+
 def _engine(tp: int, pp: int, *, steps: int, out: str, **kw):
     from distill_plugins.manager import build_plugin_host
     from distill_plugins.engine import process_groups as dps
@@ -65,7 +94,10 @@ def _engine(tp: int, pp: int, *, steps: int, out: str, **kw):
     dp_rank = ctx.dp_rank
     data = SyntheticBatches(vocab_size=VOCAB, seq_length=SEQ, micro_batch_size=2, global_batch_size=8,
                             dp_rank=dp_rank, dp_size=dp_size, seed=11)
-    return Engine(recipe, build_plugin_host(), cpu=True, data=data, teacher_init=_sharpen_teacher)
+    eng = Engine(recipe, build_plugin_host(), cpu=True, data=data)
+    with torch.no_grad():  # the teacher is frozen and outside the optimizer: editing it after the build is exact
+        _sharpen_teacher(eng.trainer.stage.teacher)
+    return eng
 
 
 def _parity_run(tp: int, pp: int, out: str) -> dict:
@@ -104,18 +136,18 @@ def four_rank_body(rank: int, world: int, out: str) -> dict:
         res["parity"][f"tp{tp}pp{pp}dp{4 // (tp * pp)}"] = _parity_run(tp, pp, os.path.join(out, f"p{tp}{pp}"))
     # -- 3. NaN logits on one rank: every rank skips -------------------------------
     eng = _engine(2, 2, steps=4, out=os.path.join(out, "nan"))
-    tr = eng.trainer
-    if rank == world - 1:  # one TP rank of the last stage only
-        tr.logits_hook = lambda step, logits: logits * float("nan") if step == 1 else logits
-    results = [tr.train_step() for _ in range(4)]
-    res["nan"] = {"skipped": [r.skipped for r in results], "skips": tr.nonfinite_skips,
+    if rank == world - 1:  # one TP rank of the last stage only, during the second step
+        _poison_logits(eng, lambda step: step == 1)
+    results = _record_steps(eng)
+    eng.train()
+    res["nan"] = {"skipped": [r.skipped for r in results], "skips": eng.trainer.nonfinite_skips,
                   "losses": [r.metrics["loss"] for r in results]}
     # -- 4. consecutive non-finite steps stop the run ------------------------------
     eng = _engine(2, 2, steps=6, out=os.path.join(out, "nan2"), max_nonfinite=2)
     if rank == world - 1:
-        eng.trainer.logits_hook = lambda step, logits: logits * float("nan")
+        _poison_logits(eng, lambda step: True)
     try:
-        eng.trainer.train(6)
+        eng.train()
         res["stop"] = None
     except NonFiniteLossError as exc:
         res["stop"] = (eng.trainer.step, str(exc))

@@ -58,12 +58,16 @@ def _engine(precision: str, out: str, **kw):
     ctx = dps.initialize(recipe.parallel, seed=recipe.seed, cpu=True)
     data = SyntheticBatches(vocab_size=VOCAB, seq_length=SEQ, micro_batch_size=2, global_batch_size=4, seed=5,
                             dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
-    return Engine(recipe, build_plugin_host(), cpu=True, data=data, teacher_init=_sharpen)
+    eng = Engine(recipe, build_plugin_host(), cpu=True, data=data)
+    _sharpen(eng.trainer.stage.teacher)  # frozen, outside the optimizer: editing it after the build is exact
+    return eng
 
 
 def _run(precision: str, out: str, hook=None) -> dict:
     eng = _engine(precision, out)
-    eng.trainer.logits_hook = hook
+    if hook is not None:  # a torch forward hook on the student's output layer (logits, bias)
+        eng.trainer.stage.student.output_layer.register_forward_hook(
+            lambda module, args, output: (hook(eng.trainer.step, output[0]), output[1]))
     metrics = [eng.trainer.train_step().metrics for _ in range(STEPS)]
     return {"metrics": metrics, "dtype": str(next(eng.trainer.stage.student.parameters()).dtype)}
 

@@ -111,8 +111,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    # signals needs only torch, loaded already; the engine (megatron) is imported after the handlers are in place
+    from distill_plugins.engine.signals import install_stop_handlers
     from distill_plugins.recipe.load import load_recipe
 
+    install_stop_handlers()  # before the slow start-up: a SIGUSR1/SIGTERM from now on ends the run cleanly
     overrides = list(args.overrides)
     if args.cpu:
         overrides.append("device=cpu")

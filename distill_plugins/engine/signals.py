@@ -11,6 +11,12 @@ auto``: the launch script's ``trap`` requeues the job (``scontrol requeue
 $SLURM_JOB_ID``). ``srun`` forwards the signal to every task, but only one
 rank needs to receive it.
 
+The engine's loop uses them through its ``StopOnSignal`` callback
+(:mod:`.callbacks`); ``distill run`` installs the process-wide handlers
+(:func:`install_stop_handlers`) before the slow start-up (imports, model
+building, resume), so a signal that arrives then stops the run at the first
+step boundary without a traceback.
+
 Usage::
 
     with StopSignals() as stop:            # installs handlers, restores the old ones on exit
@@ -35,6 +41,7 @@ import threading
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from distill_plugins.logging import get_logger
 
@@ -74,6 +81,11 @@ class StopSignals:
             signal.signal(sig, self._handle)
         self._installed = True
         return self
+
+    @property
+    def installed(self) -> bool:
+        """Whether this object's handlers are in place."""
+        return self._installed
 
     def restore(self) -> None:
         """Put back the handlers that were there before :meth:`install`."""
@@ -120,8 +132,6 @@ class StopSignals:
 
 def agree_any(flag: bool, group=None) -> bool:
     """All-reduce MAX of a boolean over ``group``: True everywhere if True anywhere."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return bool(flag)
     device = torch.device("cpu")
@@ -141,6 +151,11 @@ def install_stop_handlers(signals: Sequence[int] = STOP_SIGNALS) -> StopSignals:
     global _active
     if _active is None:
         _active = StopSignals(signals).install()
+    return _active
+
+
+def current_stop_handlers() -> Optional[StopSignals]:
+    """The process-wide handlers of :func:`install_stop_handlers`, or None."""
     return _active
 
 

@@ -1,8 +1,13 @@
-"""The training loop: DDP, optimizer, LR schedule, NaN guard, progress and metrics.
+"""One optimizer step of a distillation run: DDP, optimizer, LR schedule, NaN guard, step metrics.
 
 Design
 ------
-:class:`Trainer` owns one rank's share of a distillation run:
+:class:`Trainer` owns one rank's share of a distillation run and runs one
+optimizer step at a time (:meth:`Trainer.train_step`) or one forward-only
+evaluation (:meth:`Trainer.evaluate`). The loop around the steps (evaluation
+and checkpoint schedules, stop signals, metrics file, progress lines, plugin
+observers) is :meth:`distill_plugins.engine.run.Engine.train`, through the
+callbacks of :mod:`distill_plugins.engine.callbacks`. The trainer holds:
 
 * ``model``: megatron's ``DistributedDataParallel`` around a
   :class:`~distill_plugins.engine.stage.DistillStage` (student trainable,
@@ -28,34 +33,40 @@ One step (:meth:`Trainer.train_step`):
 3. NaN/Inf guard: a rank flags the step when its loss reports or its gradients
    are non-finite; the flag is all-reduced (MAX) over *all* ranks, so either
    every rank steps or every rank skips. A skipped step leaves parameters,
-   optimizer state and LR schedule untouched, is counted (``nonfinite_skips``)
-   and after ``training.max_consecutive_nonfinite`` skips in a row the run stops
-   with :class:`NonFiniteLossError`. Under fp16, overflowing gradients are left to
+   optimizer state and LR schedule untouched and is counted (``nonfinite_skips``);
+   after ``training.max_consecutive_nonfinite`` skips in a row
+   :meth:`Trainer.check_nonfinite_streak` (called by the loop) raises
+   :class:`NonFiniteLossError`. Under fp16, overflowing gradients are left to
    megatron's dynamic loss scaler (it skips that update and halves the scale;
    counted as ``loss_scale_skips``);
 4. otherwise advance the LR schedule and ``optimizer.step()`` (clipping);
 5. call every stateful part's ``on_optimizer_step(StepStats)`` with the
-   DP-reduced KD loss, the plugin hook ``distill_on_step_end`` (last stage's
-   first rank), log a progress line and append a line to ``metrics.jsonl``
-   (global rank 0).
+   DP-reduced KD loss and return the step's :class:`StepResult` (identical on
+   every rank).
+
+The LR schedule follows the recipe it is built from, also after a resume
+(``override_opt_param_scheduler``): a checkpoint restores the number of steps
+done, not the schedule's length (docs/checkpoints.md, "Changing the recipe").
 
 Usage::
 
-    trainer = Trainer.build(recipe, parts, cpu=True, data=my_iterator)
-    trainer.train()
+    trainer = Trainer.build(recipe, parts, ctx=ctx, data=my_iterator, vocab_size=V, cpu=True)
+    result = trainer.train_step()          # one optimizer step
+    trainer.check_nonfinite_streak()       # raises after too many skipped steps in a row
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from distill_plugins.errors import DistillError, RecipeError
 from distill_plugins.interfaces import StepStats
@@ -65,7 +76,7 @@ from distill_plugins.recipe.schema import Recipe
 from distill_plugins.models import build as models
 from distill_plugins.engine.loss import REPORT_KEYS, LossParts, distill_loss
 from distill_plugins.engine.stage import DistillStage, StageOutput, check_schedule, forward_backward
-from distill_plugins.models.sources import build_teacher
+from distill_plugins.models.sources import build_teacher, load_model_weights
 
 __all__ = ["Trainer", "StepResult", "NonFiniteLossError", "num_microbatches", "reduce_reports"]
 
@@ -117,14 +128,13 @@ class Trainer:
 
     def __init__(self, *, recipe: Recipe, ctx: ParallelContext, model, stage: DistillStage, optimizer, scheduler,
                  parts: LossParts, data: Iterator[dict[str, torch.Tensor]], vocab_size: int,
-                 host: Any = None, cpu: bool = False, output_dir: Optional[str] = None, aligner=None):
+                 cpu: bool = False, aligner=None):
         self.recipe, self.ctx, self.model, self.stage = recipe, ctx, model, stage
         self.optimizer, self.scheduler, self.parts, self.data = optimizer, scheduler, parts, data
-        self.vocab_size, self.host, self.cpu = vocab_size, host, cpu
+        self.vocab_size, self.cpu = vocab_size, cpu
         #: the :class:`~.alignment.AlignerRuntime`, or None (one vocabulary, usual glue)
         self.aligner = aligner
         self.report_keys = REPORT_KEYS + (aligner.report_keys if aligner is not None else ())
-        self.output_dir = output_dir if output_dir is not None else recipe.output_dir
         t = recipe.training
         self.num_microbatches = num_microbatches(t.global_batch_size, t.micro_batch_size, ctx.dp_size)
         self.step = 0  # optimizer steps completed (skipped steps included)
@@ -132,56 +142,34 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.empty_microbatches = 0
         self.loss_scale_skips = 0  # fp16 steps the dynamic loss scaler skipped (overflow)
-        #: test hook: ``fn(step, student_logits) -> student_logits`` applied on the last stage.
-        self.logits_hook: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None
-        #: called after every step with the StepResult (checkpointing, signals, tests).
-        self.step_callbacks: list[Callable[["Trainer", StepResult], None]] = []
-        self._t0: Optional[float] = None
+        self._t0: float | None = None
         self._steps_timed = 0
         self._tokens_timed = 0.0
 
     # ------------------------------------------------------------------ building
     @classmethod
     def build(cls, recipe: Recipe, parts: LossParts, *, ctx: ParallelContext, data: Iterator, vocab_size: int,
-              host: Any = None, cpu: bool = False, output_dir: Optional[str] = None,
-              student_init: Optional[Callable[[torch.nn.Module], None]] = None,
-              teacher_init: Optional[Callable[[torch.nn.Module], None]] = None,
-              teacher_vocab_size: Optional[int] = None, aligner=None) -> "Trainer":
+              cpu: bool = False, teacher_vocab_size: int | None = None, aligner=None) -> "Trainer":
         """Build student, teacher, DDP, optimizer and scheduler for ``recipe``.
 
-        ``parallel_state`` must be initialised. ``student_init(model)`` replaces
-        the student's default initialisation (weights from ``student.hf`` /
-        ``.megatron`` / ``.checkpoint``, else a layout-independent random init);
-        ``teacher_init(model)`` runs after the teacher is loaded (tests).
-        ``teacher_vocab_size``: the teacher's real vocabulary when its tokenizer
-        differs (default ``vocab_size``); ``aligner``: an
+        ``parallel_state`` must be initialised. The student's weights come from
+        ``student.hf`` / ``.megatron`` / ``.checkpoint``, else a layout-independent
+        random init. ``teacher_vocab_size``: the teacher's real vocabulary when its
+        tokenizer differs (default ``vocab_size``); ``aligner``: an
         :class:`~.alignment.AlignerRuntime` (its trainable modules join the
         optimizer).
         """
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.distributed import finalize_model_grads
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-        from distill_plugins.models.sources import load_model_weights
-
         check_schedule(recipe.parallel.virtual_pipeline)
         t, par = recipe.training, recipe.parallel
         overrides = {"calculate_per_token_loss": True}
         student = models.build_gpt_model(recipe.student, par, vocab_size=vocab_size, precision=t.precision,
                                          cpu=cpu, who="student", config_overrides=overrides)
-        if student_init is not None:
-            student_init(student)
-        else:
-            load_model_weights(student, recipe.student, seed=recipe.seed, who="student")
+        load_model_weights(student, recipe.student, seed=recipe.seed, who="student")
         teacher_vocab = vocab_size if teacher_vocab_size is None else teacher_vocab_size
         teacher = None
         if parts.kd_weight > 0:
             teacher = build_teacher(recipe.teacher, par, vocab_size=teacher_vocab, precision=t.precision, cpu=cpu,
                                     seed=recipe.seed + 1)
-            if teacher_init is not None:
-                with torch.no_grad():
-                    teacher_init(teacher)
         else:
             log.info("loss.kd_weight is 0: no teacher is built (cross-entropy on labels only)")
         reference = None
@@ -217,6 +205,8 @@ class Trainer:
             optimizer, init_lr=0.0 if t.warmup_steps > 0 else t.lr, max_lr=t.lr, min_lr=t.min_lr,
             lr_warmup_steps=t.warmup_steps, lr_decay_steps=t.steps, lr_decay_style=t.lr_decay,
             start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=t.steps, wd_incr_style="constant",
+            # after a resume the schedule is this recipe's (e.g. a longer training.steps), at the saved step count
+            use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
         )
         config = student.config
         config.no_sync_func = model.no_sync
@@ -224,8 +214,7 @@ class Trainer:
         if t.precision == "fp16":
             config.grad_scale_func = optimizer.scale_loss
         return cls(recipe=recipe, ctx=ctx, model=model, stage=stage, optimizer=optimizer, scheduler=scheduler,
-                   parts=parts, data=data, vocab_size=vocab_size, host=host, cpu=cpu, output_dir=output_dir,
-                   aligner=aligner)
+                   parts=parts, data=data, vocab_size=vocab_size, cpu=cpu, aligner=aligner)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -237,8 +226,6 @@ class Trainer:
         return self.recipe.training.steps
 
     def _loss_fn(self, batch: dict[str, torch.Tensor], output: StageOutput) -> tuple:
-        if self.logits_hook is not None:
-            output = output._replace(student_logits=self.logits_hook(self.step, output.student_logits))
         if self.aligner is not None and self.aligner.computes_loss and output.teacher_logits is not None:
             loss, count, report = self.aligner.loss(batch, output, self.parts, tp_group=self.ctx.tp_group,
                                                     step=self.step, total_steps=self.total_steps)
@@ -262,7 +249,8 @@ class Trainer:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
-    def _current_lr(self) -> float:
+    def current_lr(self) -> float:
+        """The current learning rate of the first parameter group."""
         groups = self.optimizer.param_groups
         return float(groups[0]["lr"]) if groups else 0.0
 
@@ -316,15 +304,19 @@ class Trainer:
                                       "loss": metrics["loss"]})
             for part in self.parts.stateful().values():
                 part.on_optimizer_step(stats)
-        self._report(result)
-        if skipped and self.consecutive_nonfinite >= t.max_consecutive_nonfinite:
+        return result
+
+    def check_nonfinite_streak(self) -> None:
+        """Raise :class:`NonFiniteLossError` after ``training.max_consecutive_nonfinite`` skipped steps in a row.
+
+        The counter is identical on every rank, so every rank raises at the same step.
+        """
+        limit = self.recipe.training.max_consecutive_nonfinite
+        if self.consecutive_nonfinite >= limit:
             raise NonFiniteLossError(
                 f"{self.consecutive_nonfinite} consecutive steps had NaN/Inf losses or gradients (last: step "
-                f"{self.step}); stopping (training.max_consecutive_nonfinite={t.max_consecutive_nonfinite}). "
+                f"{self.step}); stopping (training.max_consecutive_nonfinite={limit}). "
                 "Lower training.lr, check the data and the teacher, or use precision fp32/bf16")
-        for cb in self.step_callbacks:
-            cb(self, result)
-        return result
 
     def _metrics(self, sums: dict[str, float], grad_norm: float, skipped: bool, elapsed: float) -> dict[str, float]:
         kd = sums["kd_sum"] / sums["kd_count"] if sums["kd_count"] > 0 else 0.0
@@ -343,7 +335,7 @@ class Trainer:
         remaining = self.total_steps - self.step
         eta = wall / max(1, self.step) * max(0, remaining)
         return {
-            "step": self.step, "loss": loss, "kd_loss": kd, "ce_loss": ce, "lr": self._current_lr(),
+            "step": self.step, "loss": loss, "kd_loss": kd, "ce_loss": ce, "lr": self.current_lr(),
             "grad_norm": grad_norm, "tokens": sums["total_tokens"], "valid_tokens": valid,
             "kept_tokens": sums["kept_tokens"], "kept_fraction": sums["kept_tokens"] / valid if valid > 0 else 0.0,
             "tokens_per_second": tps, "step_time_s": elapsed, "eta_s": eta, "skipped": float(skipped),
@@ -352,31 +344,6 @@ class Trainer:
             **({"loss_scale": float(self.optimizer.get_loss_scale()), "loss_scale_skips": float(self.loss_scale_skips)}
                if self.recipe.training.precision == "fp16" else {}),
         }
-
-    def _report(self, result: StepResult) -> None:
-        m = result.metrics
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        if self.host is not None and self.is_last_stage and self.ctx.tp_rank == 0 and self.ctx.dp_rank == 0:
-            hook = getattr(self.host, "on_step_end", None) or getattr(self.host, "hook_on_step_end", None)
-            if hook is not None:
-                hook(result.step, dict(m))
-        if rank != 0:
-            return
-        if self.output_dir:
-            os.makedirs(self.output_dir, exist_ok=True)
-            with open(os.path.join(self.output_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({k: (v if math.isfinite(v) else None) if isinstance(v, float) else v
-                                    for k, v in m.items()}) + "\n")
-        every = self.recipe.training.log_interval
-        if result.skipped or result.step % every == 0 or result.step == self.total_steps:
-            eta = m["eta_s"]
-            kd = f"  kd {m['kd_loss']:.4f}" if self.parts.kd_weight > 0 else ""  # CE-only runs have no KD
-            kept = f"  kept {m['kept_fraction']:.2f}" if self.parts.kd_weight > 0 else ""
-            coverage = f"  aligned {m['aligned_fraction']:.2f}" if "aligned_fraction" in m else ""
-            log.info("step %d/%d  loss %.4f%s  ce %.4f  lr %.2e  gnorm %.3f  tok/s %.0f%s%s  ETA %dm%02ds%s",
-                     result.step, self.total_steps, m["loss"], kd, m["ce_loss"], m["lr"], m["grad_norm"],
-                     m["tokens_per_second"], kept, coverage, int(eta // 60), int(eta % 60),
-                     "  SKIPPED (non-finite)" if result.skipped else "")
 
     # ------------------------------------------------------------------ state
     def counters(self) -> dict[str, int]:
@@ -394,7 +361,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, eval_data) -> dict[str, float]:
-        """Forward-only pass over ``eval_data`` (re-iterable microbatches); logs and returns the losses."""
+        """Forward-only pass over ``eval_data`` (re-iterable microbatches); the losses, identical on every rank.
+
+        Returns ``eval_kd_loss`` and ``eval_ce_loss`` (token means over the whole
+        evaluation set), ``eval_tokens`` and an aligner's ``eval_`` figures.
+        """
         t = self.recipe.training
         batches = iter(eval_data)
         n = len(eval_data)
@@ -411,24 +382,4 @@ class Trainer:
                "eval_tokens": sums["valid_tokens"]}
         if self.aligner is not None:
             out.update(self.aligner.metrics(sums, prefix="eval_"))
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        if rank == 0:
-            log.info("eval @ step %d  kd %.4f  ce %.4f  tokens %d", self.step, out["eval_kd_loss"],
-                     out["eval_ce_loss"], int(out["eval_tokens"]))
-            if self.output_dir:
-                os.makedirs(self.output_dir, exist_ok=True)
-                with open(os.path.join(self.output_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": self.step, **out}) + "\n")
         return out
-
-    # ------------------------------------------------------------------ loop
-    def train(self, steps: Optional[int] = None,
-              should_stop: Optional[Callable[["Trainer"], bool]] = None) -> list[StepResult]:
-        """Run until ``steps`` (default ``training.steps``) optimizer steps are done, or ``should_stop``."""
-        end = self.total_steps if steps is None else steps
-        results = []
-        while self.step < end:
-            results.append(self.train_step())
-            if should_stop is not None and should_stop(self):
-                break
-        return results

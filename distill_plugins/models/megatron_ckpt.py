@@ -51,6 +51,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+from distill_plugins.checkpoint.integrity import verify_model_dist
 from distill_plugins.errors import DistillError
 from distill_plugins.logging import get_logger
 from distill_plugins.models.build import ensure_tp_attributes, model_layout
@@ -148,11 +149,13 @@ def load_megatron_checkpoint(model: torch.nn.Module, path: str, *, strict: bool 
     """Load a ``dist_checkpointing`` checkpoint into ``model`` under the current TP/PP; call on every rank.
 
     Raises:
-        DistillError: not a checkpoint; a tensor whose global shape differs from
+        DistillError: not a checkpoint; a run checkpoint whose ``model_dist/`` files
+            fail their recorded checksums; a tensor whose global shape differs from
             the model's (named, with both shapes) other than the vocabulary
             padding; or megatron's load failing (its message is kept).
     """
     ckpt_dir = resolve_checkpoint_dir(path)
+    verify_model_dist(ckpt_dir)  # a run checkpoint's model_dist/ against its recorded checksums (collective)
     inner = _unwrap(model)
     layout = model_layout(inner)
     sharded = inner.sharded_state_dict()
