@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -172,3 +175,103 @@ def test_signal_sets_flag_and_restores_handlers():
         restore_stop_handlers()
     assert signal.getsignal(signal.SIGTERM) is previous_term
     assert not should_stop()
+
+
+# ---------------------------------------------------------------------------
+# Faults: a full or limited disk, checkpoints the run cannot load, an interrupted replace
+# ---------------------------------------------------------------------------
+
+
+def _flip(path, offset=-20):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_save_refused_before_writing_when_a_file_would_exceed_the_size_limit(tmp_path):
+    """``ulimit -f`` below the state file: the documented error names the path and the OS error."""
+    model, opt = tiny_training(1)
+    save_tiny(tmp_path, 1, model, opt)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, hard))
+    try:
+        with pytest.raises(DistillError) as info:
+            save_tiny(tmp_path, 2, model, opt)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    msg = str(info.value)
+    assert f"checkpoint {tmp_path / 'step_000002'} was not saved" in msg
+    assert "the previous checkpoint is intact" in msg and "File too large" in msg and "rank 0: prepare" in msg
+    assert [p.name for p in tmp_path.iterdir()] == ["step_000001"]  # no temporary directory left
+    assert validate_checkpoint(tmp_path / "step_000001", deep=True) is None
+
+
+def test_same_step_save_keeps_an_unloadable_checkpoint(tmp_path):
+    """A checkpoint that fails its checksum is moved aside, bytes intact, never overwritten."""
+    model, opt = tiny_training(1)
+    save_tiny(tmp_path, 2, model, opt)
+    _flip(tmp_path / "step_000002" / "rank_00000.pt")
+    corrupt = (tmp_path / "step_000002" / "rank_00000.pt").read_bytes()
+    save_tiny(tmp_path, 2, model, opt, keep=1)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("step_000002.unloadable-")]
+    assert len(aside) == 1 and (aside[0] / "rank_00000.pt").read_bytes() == corrupt
+    assert validate_checkpoint(tmp_path / "step_000002", deep=True) is None
+    save_tiny(tmp_path, 3, model, opt, keep=1)  # pruning never touches the kept one
+    assert aside[0].is_dir() and not (tmp_path / "step_000002").exists()
+
+
+def test_pruning_never_deletes_later_steps(tmp_path):
+    """A fresh run saving step 1 beside step 10 and 20 of another run keeps all three."""
+    model, opt = tiny_training(1)
+    for step in (10, 20):
+        save_tiny(tmp_path, step, model, opt)
+    save_tiny(tmp_path, 1, model, opt, keep=1)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [20, 10, 1]
+
+
+def test_failed_replace_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
+    model, opt = tiny_training(1)
+    save_tiny(tmp_path, 1, model, opt)
+    before = (tmp_path / "step_000001" / "metadata.json").read_text()
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".tmp-" in str(src):  # moving the new save into place fails
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "rename", rename)
+    with pytest.raises(DistillError, match="Input/output error.*previous checkpoint is intact"):
+        save_tiny(tmp_path, 1, model, opt)
+    monkeypatch.undo()
+    assert (tmp_path / "step_000001" / "metadata.json").read_text() == before
+    assert validate_checkpoint(tmp_path / "step_000001", deep=True) is None
+
+
+def test_resume_refuses_when_no_checkpoint_can_be_loaded(tmp_path):
+    model, opt = tiny_training(1)
+    save_tiny(tmp_path, 1, model, opt)
+    save_tiny(tmp_path, 2, model, opt)
+    _flip(tmp_path / "step_000002" / "rank_00000.pt")
+    assert resolve_resume("auto", tmp_path) == tmp_path / "step_000001"  # falls back to the older one
+    _flip(tmp_path / "step_000001" / "rank_00000.pt")
+    with pytest.raises(DistillError) as info:
+        resolve_resume("auto", tmp_path)
+    msg = str(info.value)
+    assert "none can be loaded" in msg and "step_000002" in msg and "step_000001" in msg
+    assert "checkpoint.resume: none" in msg and "Nothing was deleted" in msg
+    assert resolve_resume("none", tmp_path) is None
+    assert {p.name for p in tmp_path.iterdir()} == {"step_000001", "step_000002"}
+
+
+def test_checksums_cover_every_file(tmp_path):
+    model, opt = tiny_training(1)
+    path = save_tiny(tmp_path, 1, model, opt, before_commit=lambda tmp: (tmp / "extra.json").write_text("{}"))
+    meta = json.loads((path / "metadata.json").read_text())
+    assert set(meta["files"]) == {"rank_00000.pt"} and set(meta["extra_files"]) == {"extra.json"}
+    assert all(len(r["sha256"]) == 64 for r in [*meta["files"].values(), *meta["extra_files"].values()])
+    (path / "extra.json").write_text("[]")  # same size, other bytes
+    assert validate_checkpoint(path) is None
+    assert "extra.json checksum mismatch" in validate_checkpoint(path, deep=True)
