@@ -5,8 +5,9 @@ submodules. Entry point: :func:`distill_plugins.engine.run.run`. docs/engine.md,
 docs/architecture.md.
 
 Modules:
-    run             Engine (built run: data, trainer, checkpoints) and run(recipe, host, cpu=...)
-    trainer         Trainer: DDP, optimizer, LR schedule, one optimizer step, NaN guard, metrics
+    run             Engine (built run; Engine.train, the one training loop) and run(recipe, host, cpu=...)
+    callbacks       the loop's Callback protocol; metrics.jsonl, progress, plugin observers, schedules, signals
+    trainer         Trainer: DDP, optimizer, LR schedule, one optimizer step, NaN guard, step metrics
     stage           DistillStage (student + frozen teacher/reference) under megatron's pipeline schedule
     loss            selector -> temperature -> objective (+ CE mix) over vocab-parallel logits
     alignment       vocabulary aligners inside the engine (projectors, loss over two vocabularies)
