@@ -225,6 +225,8 @@ class ProgressLog(Callback):
         kd = f"  kd {m['kd_loss']:.4f}" if self.kd else ""  # CE-only runs have no KD
         kept = f"  kept {m['kept_fraction']:.2f}" if self.kd else ""
         coverage = f"  aligned {m['aligned_fraction']:.2f}" if "aligned_fraction" in m else ""
+        if "teacher_wait_s" in m:  # a teacher on its own ranks: seconds the student waited for it this step
+            coverage += f"  wait {m['teacher_wait_s']:.2f}s"
         log.info("step %d/%d  loss %.4f%s  ce %.4f  lr %.2e  gnorm %.3f  tok/s %.0f%s%s  ETA %dm%02ds%s",
                  result.step, total, m["loss"], kd, m["ce_loss"], m["lr"], m["grad_norm"],
                  m["tokens_per_second"], kept, coverage, int(eta // 60), int(eta % 60),

@@ -2,9 +2,9 @@
 
 Design
 ------
-With ``teacher_parallel`` (docs/separate_teacher.md) :func:`start_side` turns
-each process into one of two things, after :func:`.role_groups.initialize_roles`
-has installed its role's megatron layout:
+With ``teacher_parallel`` (docs/separate_teacher.md) :func:`start_separate`
+installs each process's role (:func:`.role_groups.initialize_roles`) and builds
+a :class:`SeparateRun` around one of two things:
 
 * on **student ranks**, the usual :class:`~distill_plugins.engine.run.Engine`
   (built by the caller) whose trainer builds no teacher and gets a
@@ -21,48 +21,53 @@ has installed its role's megatron layout:
   frozen as usual, under its own TP x PP), the same training and evaluation
   microbatches the students read (:func:`.teacher_ranks.teacher_items`), and a
   loop that runs the teacher forward-only (megatron's schedule with
-  ``forward_only=True``, under ``torch.no_grad()``) and sends each payload
-  to the student ranks the routing table names (``torch.distributed``
-  ``isend``/``irecv`` on the payload group). It holds no gradient, no optimizer
-  state and writes no student state.
+  ``forward_only=True``, under ``torch.no_grad()``) and sends each payload to the
+  student ranks the routing table names (``torch.distributed`` ``isend``/``irecv``
+  on the payload group). It holds no gradient, no optimizer state and writes no
+  student state.
 
 **The two roles stay in step through the world's collectives.** A process group
-spans the job, so every collective the student engine runs over the whole
-world (and megatron's ``dist_checkpointing`` only knows the whole world) is run
-by the teacher ranks at the same point, with their own contribution:
+spans the job, so every collective the student engine runs over the whole world
+(megatron's ``dist_checkpointing`` only knows the whole world) is run by the
+teacher ranks at the same point, with their own contribution:
 
-==========================  =================================================
-student (engine)            teacher (:class:`TeacherServer`)
-==========================  =================================================
-start-up agreement          the same, then the output-layer shards and a
-                            payload header are sent (checked by the students,
-                            the verdict agreed over the world)
-training step ``n``         the payloads of step ``n`` (posted when the step
-                            starts), the NaN-guard agreement (the teacher votes
-                            "fine": payloads are checked where they are used,
-                            on the student's valid rows) and, after too many
-                            skipped steps in a row, the same error
-evaluation                  the evaluation's payloads
-stop agreement              its own stop flag (SIGUSR1/SIGTERM on a teacher
-                            rank stops everybody)
-checkpoint                  the same collective save, writing only its own
-                            rank file: data position and counters, no weights
-resume                      its own rank file
-==========================  =================================================
+=============================  ==================================================
+student (``Engine``)           teacher (:class:`TeacherServer`)
+=============================  ==================================================
+resume agreement, data, load   the same: ``resolve_resume``, the same data
+                               builders, its own rank file, the load agreement
+optimizer (megatron aligns     an empty list of parameter groups, as many times
+parameter groups over the      as ``get_megatron_optimizer`` gathers (two)
+world)
+start-up agreement             the same (:func:`agree_start`), then the output
+                               layer's rows and a payload header go to the
+                               students, who check it; the verdict is agreed
+stop agreement (train start)   its own stop flag
+training step ``n``            the payloads of step ``n``; the NaN-guard
+                               agreement (the teacher votes "fine": payloads are
+                               checked where they are used, on the student's valid
+                               rows, as a co-located teacher's logits are)
+stop agreement (step end)      its own stop flag: SIGUSR1/SIGTERM on a teacher
+                               rank stops every rank at the same step
+non-finite streak              the same error at the same step
+evaluation                     the evaluation's payloads
+checkpoint                     the same collective save, writing only its own rank
+                               file (data position, counters; no weights)
+=============================  ==================================================
 
 **One step ahead.** With ``teacher_parallel.lookahead`` (default) the teacher
 computes step ``n+1``'s payloads while the students train step ``n``, and posts
-them once step ``n``'s stop agreement said "go on": the payloads of at most two
-steps are alive on a teacher's last stage (the ones being received, the ones
-being computed), and a stop or an error never leaves a send without its receive.
-Without lookahead each step is computed after the previous one's agreement,
-each microbatch sent as soon as it is ready.
+them when step ``n+1`` starts, after step ``n``'s agreements said "go on": the
+payloads of at most two steps are alive on a teacher's last stage (the ones
+being received, the ones being computed), and a stop or an error never leaves a
+send without its receive. Without lookahead each step is computed after the
+previous one's agreements, each microbatch sent as soon as it is ready.
 
 Usage (what ``engine.run.run`` does)::
 
-    side = start_side(recipe, host, cpu=True, vocab_size=V,
-                      build_student=lambda provider: Engine(recipe, host, cpu=True, teacher_provider=provider))
-    side.train()
+    run = start_separate(recipe, cpu=True, vocab_size=V,
+                         build_student=lambda provider: Engine(recipe, host, cpu=True, teacher_provider=provider))
+    run.train()
 """
 
 from __future__ import annotations
@@ -82,8 +87,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from distill_plugins.checkpoint.run_checkpoint import (checkpoint_directory, load_checkpoint, resolve_resume,
                                                        save_checkpoint)
 from distill_plugins.data.iterators import EvalData, MicrobatchIterator, build_data, build_eval_data
-from distill_plugins.engine.role_groups import Roles
-from distill_plugins.engine.signals import StopSignals
+from distill_plugins.engine.role_groups import Roles, initialize_roles
+from distill_plugins.engine.signals import StopSignals, current_stop_handlers
 from distill_plugins.engine.stage import position_ids_for
 from distill_plugins.engine.teacher_ranks import (PayloadHeader, Route, check_payload_header, header_destinations,
                                                   microbatches_per_step, routing_table, separate_teacher_errors,
@@ -95,7 +100,7 @@ from distill_plugins.models.build import model_layout
 from distill_plugins.models.sources import build_teacher
 from distill_plugins.recipe.schema import ParallelSpec, Recipe, padded_vocab_size
 
-__all__ = ["RemoteTeacher", "TeacherServer", "start_side", "agree_start", "hidden_states_only"]
+__all__ = ["RemoteTeacher", "TeacherServer", "SeparateRun", "start_separate", "agree_start", "hidden_states_only"]
 
 log = get_logger(__name__)
 
@@ -103,6 +108,9 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: point-to-point tags on the payload group (gloo matches on them; NCCL keeps posting order)
 _TAG_HEADER = 7
 _TAG_WEIGHT = 16  # + teacher TP rank
+#: world-wide all_gather_object calls in megatron-core 0.16's get_megatron_optimizer for one model chunk
+#: (optimizer/__init__.py, _get_param_groups: the dense parameters, then the expert ones)
+_OPTIMIZER_WORLD_GATHERS = 2
 
 
 def agree_start(error: Optional[BaseException]) -> None:
@@ -317,12 +325,12 @@ class _Job:
 class TeacherServer:
     """The teacher ranks' side: forward-only teacher, payload sends, and the loop mirroring the students'.
 
-    Build with :meth:`start` (collective with the students' start-up); then :meth:`connect`
-    and :meth:`train`, as :func:`start_side` does.
+    Built by :class:`SeparateRun` (collective with the students' start-up), then
+    :meth:`connect` and :meth:`train`.
     """
 
     def __init__(self, recipe: Recipe, roles: Roles, *, vocab_size: int, cpu: bool,
-                 teacher_init: Optional[Callable[[torch.nn.Module], None]] = None):
+                 signals: Optional[StopSignals] = None):
         self.recipe, self.roles, self.vocab_size, self.cpu = recipe, roles, vocab_size, cpu
         self.layout = roles.layout
         tpar = recipe.teacher_parallel
@@ -330,6 +338,7 @@ class TeacherServer:
                                      make_vocab_size_divisible_by=recipe.parallel.make_vocab_size_divisible_by)
         self.lookahead = tpar.lookahead
         self.step = 0
+        self.last_saved_step: Optional[int] = None
         self.nonfinite_skips = 0
         self.consecutive_nonfinite = 0
         self.header = _expected_header(recipe, vocab_size)
@@ -349,9 +358,11 @@ class TeacherServer:
         self._boundary_state: dict[int, list] = {}
         self.model = build_teacher(recipe.teacher, self.parallel, vocab_size=vocab_size,
                                    precision=recipe.training.precision, cpu=cpu, seed=recipe.seed + 1)
-        if teacher_init is not None:
-            with torch.no_grad():
-                teacher_init(self.model)
+        self.signals = signals or current_stop_handlers() or StopSignals()
+        # the students' get_megatron_optimizer aligns parameter groups over the whole world: one
+        # all_gather_object of group keys for the dense chunk, one for expert parameters; the teacher has none
+        for _ in range(_OPTIMIZER_WORLD_GATHERS):
+            dist.all_gather_object([None] * dist.get_world_size(), [])
         if self.resume_path is not None:
             self.load(self.resume_path)
         me = roles.rank
@@ -459,11 +470,13 @@ class TeacherServer:
         return job
 
     # -- the loop ---------------------------------------------------------------
-    def train(self, steps: Optional[int] = None, *, stop: Optional[StopSignals] = None) -> int:
+    def train(self, steps: Optional[int] = None) -> int:
         """Serve the students until ``steps`` (default ``training.steps``) or a stop; returns 0.
 
         Mirrors :meth:`distill_plugins.engine.run.Engine.train` collective for collective
-        (module docstring).
+        (module docstring): the stop agreement before the first step; per step the
+        payloads, the NaN-guard agreement, the stop agreement, the students' check of
+        the non-finite streak, the evaluation's payloads, the collective save.
 
         Raises:
             NonFiniteLossError: when the students stop on too many skipped steps in a row.
@@ -473,38 +486,43 @@ class TeacherServer:
         end = t.steps if steps is None else steps
         group = self.roles.payload_group
         pending: Optional[_Job] = None
-        with (stop if stop is not None else StopSignals()) as signals:
-            while self.step < end:
+        installed_here = not self.signals.installed
+        if installed_here:
+            self.signals.install()
+        try:
+            stop = self.signals.should_stop()  # StopOnSignal.on_train_start
+            while self.step < end and not stop:
                 if pending is None:
                     job = self._compute("train", self._read_train(self.step), stream=True)
                 else:
                     job = pending
                     job.post(group)
                 pending = None
-                if self.lookahead and self.step + 1 < end:
+                if self.lookahead and self.step + 1 < end:  # step n+1 while the students train step n
                     pending = self._compute("train", self._read_train(self.step + 1), stream=False)
                 skipped = self._nan_guard_vote()
                 job.wait()
                 self.step += 1
-                if skipped:
-                    self.nonfinite_skips += 1
-                    self.consecutive_nonfinite += 1
-                    if self.consecutive_nonfinite >= t.max_consecutive_nonfinite:
-                        raise NonFiniteLossError(
-                            f"{self.consecutive_nonfinite} consecutive steps had NaN/Inf losses or gradients on the "
-                            f"student ranks (last: step {self.step}); the teacher ranks stop with them "
-                            f"(training.max_consecutive_nonfinite={t.max_consecutive_nonfinite})")
-                else:
-                    self.consecutive_nonfinite = 0
-                if t.eval_interval and self.step % t.eval_interval == 0:
-                    ev = self._compute("eval", self._read_eval(), stream=True)
-                    ev.wait()
-                stopping = signals.should_stop()
-                if stopping or (rc.interval and self.step % rc.interval == 0) or self.step == end:
+                self.nonfinite_skips += int(skipped)
+                self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if skipped else 0
+                evaluate = bool(t.eval_interval) and self.step % t.eval_interval == 0
+                save = bool(rc.interval and self.step % rc.interval == 0) or self.step >= end
+                stop = self.signals.should_stop()  # StopOnSignal.on_step_end
+                save = save or stop
+                if self.consecutive_nonfinite >= t.max_consecutive_nonfinite:  # Trainer.check_nonfinite_streak
+                    raise NonFiniteLossError(
+                        f"{self.consecutive_nonfinite} consecutive steps had NaN/Inf losses or gradients on the "
+                        f"student ranks (last: step {self.step}); the teacher ranks stop with them "
+                        f"(training.max_consecutive_nonfinite={t.max_consecutive_nonfinite})")
+                if evaluate:
+                    self._compute("eval", self._read_eval(), stream=True).wait()
+                if save:
                     self.save()
-                if stopping:
-                    log.warning("stop signal received: teacher ranks saved step %d; exiting with status 0", self.step)
-                    return 0
+            if stop:
+                log.warning("stop signal received: the teacher ranks stop at step %d with the students", self.step)
+        finally:
+            if installed_here:
+                self.signals.restore()
         return 0
 
     @staticmethod
@@ -524,6 +542,7 @@ class TeacherServer:
 
     def save(self) -> Any:
         """Take part in the students' collective save; this rank's file holds no weights (collective)."""
+        self.last_saved_step = self.step
         return save_checkpoint(
             self.ckpt_dir, self.step, data_state={"role": "teacher", "train": self._data_state()},
             extra={"role": "teacher", "step": self.step, "nonfinite_skips": self.nonfinite_skips,
@@ -531,17 +550,27 @@ class TeacherServer:
             layout=self.layout.record(), keep=self.recipe.checkpoint.keep, sharded_model_state={})
 
     def load(self, path) -> None:
-        """Restore the data position and counters from this rank's file of checkpoint ``path``."""
-        ck = load_checkpoint(path, layout=self.layout.record())
-        extra = ck.extra or {}
-        if extra.get("role") != "teacher":
-            raise DistillError(f"checkpoint {path}: rank {self.roles.rank}'s file is not a teacher rank's; resume "
-                               "with the teacher_parallel layout the checkpoint was written with")
-        for it, state in zip(self.train_data, ck.data_state["train"]):
-            it.load_state_dict(state)
-        self.step = int(extra["step"])
-        self.nonfinite_skips = int(extra.get("nonfinite_skips", 0))
-        self.consecutive_nonfinite = int(extra.get("consecutive_nonfinite", 0))
+        """Restore the data position and counters from this rank's file of checkpoint ``path``.
+
+        Collective like the students' ``Engine.load``: a failure on any rank raises on every rank.
+        """
+        error = None
+        try:
+            ck = load_checkpoint(path, layout=self.layout.record(), verify=False)  # resolve_resume verified it
+            extra = ck.extra or {}
+            if extra.get("role") != "teacher":
+                raise DistillError(f"rank {self.roles.rank}'s file is not a teacher rank's; resume with the "
+                                   "teacher_parallel layout the checkpoint was written with")
+            for it, state in zip(self.train_data, ck.data_state["train"]):
+                it.load_state_dict(state)
+            self.step = int(extra["step"])
+            self.nonfinite_skips = int(extra.get("nonfinite_skips", 0))
+            self.consecutive_nonfinite = int(extra.get("consecutive_nonfinite", 0))
+        except Exception as exc:  # agreed below, as the students do
+            error = f"rank {self.roles.rank}: {type(exc).__name__}: {exc}"
+        errors = _agree_messages(error)
+        if errors:
+            raise DistillError(f"cannot resume from {path}: {'; '.join(errors)}")
         log.info("teacher ranks resumed from %s at step %d", path, self.step)
 
 
@@ -550,33 +579,62 @@ class TeacherServer:
 # ---------------------------------------------------------------------------
 
 
-def start_side(recipe: Recipe, roles: Roles, *, cpu: bool, vocab_size: int,
-               build_student: Callable[[RemoteTeacher], Any],
-               teacher_init: Optional[Callable[[torch.nn.Module], None]] = None):
-    """Build this process's side of a run with a separate teacher; returns an object with ``train()``.
+class SeparateRun:
+    """This process's side of a run whose teacher has ranks of its own; ``train()`` like an ``Engine``.
 
     Args:
-        recipe: the resolved recipe (shape keys read from the models' sources).
+        recipe: the recipe with ``teacher_parallel``, shape keys resolved from the models' sources.
         roles: from :func:`.role_groups.initialize_roles`.
         cpu: the CPU layer is on.
-        vocab_size: the real vocabulary.
-        build_student: builds the student engine around the :class:`RemoteTeacher` (student ranks).
-        teacher_init: ``fn(teacher)`` after the teacher's weights are loaded (teacher ranks; tests).
+        vocab_size: the real vocabulary (one tokenizer for both models).
+        build_student: ``fn(provider) -> Engine`` building the student engine around the
+            :class:`RemoteTeacher` (called on student ranks).
+        signals: the stop-signal handlers (default: the process-wide ones, else new ones).
 
-    Start-up is collective: a failure on any rank raises on every rank (:func:`agree_start`).
+    Attributes:
+        side: the student ``Engine`` or the :class:`TeacherServer`.
+        teacher_provider: the :class:`RemoteTeacher` (student ranks) or None.
+
+    Building is collective and agreed (:func:`agree_start`); then :meth:`connect` ships the
+    teacher's output layer and checks the payload header, and :meth:`train` runs the loop.
+    Between the two the teacher's weights may still be changed (``side.model`` on teacher ranks).
     """
-    errors = separate_teacher_errors(recipe, world=roles.layout.world)
-    if errors:
-        raise RecipeError(errors)
-    side, provider, error = None, None, None
-    try:
-        if roles.is_teacher:
-            side = TeacherServer(recipe, roles, vocab_size=vocab_size, cpu=cpu, teacher_init=teacher_init)
-        else:
-            provider = RemoteTeacher(recipe, roles, vocab_size=vocab_size)
-            side = build_student(provider)
-    except Exception as exc:  # agreed below: every rank raises, none waits for a payload
-        error = exc
-    agree_start(error)
-    (side if roles.is_teacher else provider).connect()
-    return side
+
+    def __init__(self, recipe: Recipe, roles: Roles, *, cpu: bool, vocab_size: int,
+                 build_student: Callable[[RemoteTeacher], Any], signals: Optional[StopSignals] = None):
+        errors = separate_teacher_errors(recipe, world=roles.layout.world)
+        if errors:
+            raise RecipeError(errors)
+        self.recipe, self.roles = recipe, roles
+        self.side: Any = None
+        self.teacher_provider: Optional[RemoteTeacher] = None
+        error = None
+        try:
+            if roles.is_teacher:
+                self.side = TeacherServer(recipe, roles, vocab_size=vocab_size, cpu=cpu, signals=signals)
+            else:
+                self.teacher_provider = RemoteTeacher(recipe, roles, vocab_size=vocab_size)
+                self.side = build_student(self.teacher_provider)
+        except Exception as exc:  # agreed below: every rank raises, none waits for a payload
+            error = exc
+        agree_start(error)
+
+    def connect(self) -> None:
+        """Ship the teacher's output layer to the students and check the payload header (collective)."""
+        (self.side if self.roles.is_teacher else self.teacher_provider).connect()
+
+    def train(self, steps: Optional[int] = None) -> int:
+        """This side's loop (the two mirror each other); returns the exit status 0."""
+        return self.side.train(steps)
+
+
+def start_separate(recipe: Recipe, *, cpu: bool, vocab_size: int, build_student: Callable[[RemoteTeacher], Any],
+                   signals: Optional[StopSignals] = None) -> SeparateRun:
+    """Groups of both roles, this process's side, the weight transfer: a :class:`SeparateRun` ready to train.
+
+    What ``distill run`` does for a ``teacher_parallel`` recipe (``recipe`` resolved).
+    """
+    roles = initialize_roles(recipe, cpu=cpu)
+    run = SeparateRun(recipe, roles, cpu=cpu, vocab_size=vocab_size, build_student=build_student, signals=signals)
+    run.connect()
+    return run

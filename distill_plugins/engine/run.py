@@ -67,6 +67,7 @@ from distill_plugins.engine.callbacks import (Callback, CheckpointSchedule, Eval
                                               MetricsLog, PluginObservers, ProgressLog, StopOnSignal, global_rank)
 from distill_plugins.engine.cpu import enable_cpu_mode
 from distill_plugins.engine.loss import build_loss_parts
+from distill_plugins.engine.remote_teacher import start_separate
 from distill_plugins.engine.signals import StopSignals, current_stop_handlers, install_stop_handlers, \
     restore_stop_handlers
 from distill_plugins.engine.trainer import Trainer
@@ -162,7 +163,7 @@ class Engine:
     """
 
     def __init__(self, recipe: Recipe, host: "PluginHost", *, cpu: bool, data: Any = None,
-                 callbacks: Iterable[Callback] = (), signals: Optional[StopSignals] = None):
+                 callbacks: Iterable[Callback] = (), signals: Optional[StopSignals] = None, teacher_provider=None):
         self.recipe = recipe = resolve_specs(recipe)
         self.host, self.cpu = host, cpu
         self.vocab_size, self.teacher_vocab_size = resolve_vocab_sizes(recipe)
@@ -175,8 +176,10 @@ class Engine:
                                             teacher_vocab_size=self.teacher_vocab_size)
         self.data = data if data is not None else self._build_data(split="train")
         self.trainer = Trainer.build(recipe, self.parts, ctx=self.ctx, data=self.data, vocab_size=self.vocab_size,
-                                     cpu=cpu, teacher_vocab_size=self.teacher_vocab_size, aligner=self.aligner)
-        self.layout = {"tp": recipe.parallel.tensor, "pp": recipe.parallel.pipeline, "dp": self.ctx.dp_size}
+                                     cpu=cpu, teacher_vocab_size=self.teacher_vocab_size, aligner=self.aligner,
+                                     teacher_provider=teacher_provider)
+        self.layout = {"tp": recipe.parallel.tensor, "pp": recipe.parallel.pipeline, "dp": self.ctx.dp_size} \
+            if teacher_provider is None else teacher_provider.layout_record()  # both roles' layouts
         self.control = LoopControl()
         self.end = recipe.training.steps
         self.last_saved_step: Optional[int] = None
@@ -370,7 +373,13 @@ def run(recipe: Recipe, host: "PluginHost", *, cpu: bool = False) -> int:
         cpu = bool(cpu or recipe.device == "cpu")
         if cpu:
             enable_cpu_mode()
-        engine = Engine(recipe, host, cpu=cpu, signals=signals)
+        if recipe.teacher_parallel is None:
+            engine = Engine(recipe, host, cpu=cpu, signals=signals)
+        else:  # a teacher on ranks of its own: this process is a student or a teacher rank (docs/separate_teacher.md)
+            resolved = resolve_specs(recipe)
+            engine = start_separate(resolved, cpu=cpu, vocab_size=resolve_vocab_sizes(resolved)[0], signals=signals,
+                                    build_student=lambda p: Engine(recipe, host, cpu=cpu, signals=signals,
+                                                                   teacher_provider=p))
         if global_rank() == 0:
             write_run_record(engine.recipe, host, recipe.output_dir)
         return engine.train()

@@ -128,13 +128,16 @@ class Trainer:
 
     def __init__(self, *, recipe: Recipe, ctx: ParallelContext, model, stage: DistillStage, optimizer, scheduler,
                  parts: LossParts, data: Iterator[dict[str, torch.Tensor]], vocab_size: int,
-                 cpu: bool = False, aligner=None):
+                 cpu: bool = False, aligner=None, teacher_provider=None):
         self.recipe, self.ctx, self.model, self.stage = recipe, ctx, model, stage
         self.optimizer, self.scheduler, self.parts, self.data = optimizer, scheduler, parts, data
         self.vocab_size, self.cpu = vocab_size, cpu
         #: the :class:`~.alignment.AlignerRuntime`, or None (one vocabulary, usual glue)
         self.aligner = aligner
         self.report_keys = REPORT_KEYS + (aligner.report_keys if aligner is not None else ())
+        #: a teacher on its own ranks (:class:`~.remote_teacher.RemoteTeacher`): teacher logits per microbatch
+        self.teacher_provider = teacher_provider
+        self.report_keys += teacher_provider.report_keys if teacher_provider is not None else ()
         t = recipe.training
         self.num_microbatches = num_microbatches(t.global_batch_size, t.micro_batch_size, ctx.dp_size)
         self.step = 0  # optimizer steps completed (skipped steps included)
@@ -149,7 +152,8 @@ class Trainer:
     # ------------------------------------------------------------------ building
     @classmethod
     def build(cls, recipe: Recipe, parts: LossParts, *, ctx: ParallelContext, data: Iterator, vocab_size: int,
-              cpu: bool = False, teacher_vocab_size: int | None = None, aligner=None) -> "Trainer":
+              cpu: bool = False, teacher_vocab_size: int | None = None, aligner=None,
+              teacher_provider=None) -> "Trainer":
         """Build student, teacher, DDP, optimizer and scheduler for ``recipe``.
 
         ``parallel_state`` must be initialised. The student's weights come from
@@ -157,7 +161,8 @@ class Trainer:
         random init. ``teacher_vocab_size``: the teacher's real vocabulary when its
         tokenizer differs (default ``vocab_size``); ``aligner``: an
         :class:`~.alignment.AlignerRuntime` (its trainable modules join the
-        optimizer).
+        optimizer). ``teacher_provider``: a teacher on its own ranks (docs/separate_teacher.md);
+        no teacher is built here, the loss gets its logits from the provider.
         """
         check_schedule(recipe.parallel.virtual_pipeline)
         t, par = recipe.training, recipe.parallel
@@ -167,10 +172,10 @@ class Trainer:
         load_model_weights(student, recipe.student, seed=recipe.seed, who="student")
         teacher_vocab = vocab_size if teacher_vocab_size is None else teacher_vocab_size
         teacher = None
-        if parts.kd_weight > 0:
+        if parts.kd_weight > 0 and teacher_provider is None:
             teacher = build_teacher(recipe.teacher, par, vocab_size=teacher_vocab, precision=t.precision, cpu=cpu,
                                     seed=recipe.seed + 1)
-        else:
+        elif teacher_provider is None:
             log.info("loss.kd_weight is 0: no teacher is built (cross-entropy on labels only)")
         reference = None
         if teacher is not None and parts.selector is not None and parts.selector.needs_reference_model:
@@ -214,7 +219,8 @@ class Trainer:
         if t.precision == "fp16":
             config.grad_scale_func = optimizer.scale_loss
         return cls(recipe=recipe, ctx=ctx, model=model, stage=stage, optimizer=optimizer, scheduler=scheduler,
-                   parts=parts, data=data, vocab_size=vocab_size, cpu=cpu, aligner=aligner)
+                   parts=parts, data=data, vocab_size=vocab_size, cpu=cpu, aligner=aligner,
+                   teacher_provider=teacher_provider)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -226,6 +232,8 @@ class Trainer:
         return self.recipe.training.steps
 
     def _loss_fn(self, batch: dict[str, torch.Tensor], output: StageOutput) -> tuple:
+        if self.teacher_provider is not None:  # the teacher runs on its own ranks: its logits from its payload
+            output = output._replace(teacher_logits=self.teacher_provider.logits(batch, training=self.model.training))
         if self.aligner is not None and self.aligner.computes_loss and output.teacher_logits is not None:
             loss, count, report = self.aligner.loss(batch, output, self.parts, tp_group=self.ctx.tp_group,
                                                     step=self.step, total_steps=self.total_steps)
@@ -234,6 +242,8 @@ class Trainer:
             output.student_logits, output.teacher_logits, batch["labels"], self.parts,
             reference_logits=output.reference_logits, loss_mask=batch.get("loss_mask"),
             tp_group=self.ctx.tp_group, vocab_size=self.vocab_size, step=self.step, total_steps=self.total_steps)
+        if self.teacher_provider is not None:
+            report.update(self.teacher_provider.report_items())  # teacher_wait_s
         return loss, count.to(torch.int), report
 
     def _grads_finite(self) -> bool:
@@ -327,6 +337,8 @@ class Trainer:
         valid = sums["valid_tokens"]
         # loss-computing aligners: coverage and per-term token means
         aligned = self.aligner.metrics(sums) if self.aligner is not None else {}
+        if self.teacher_provider is not None:
+            aligned.update(self.teacher_provider.metrics(sums))  # teacher_wait_s
         if not skipped:
             self._steps_timed += 1
             self._tokens_timed += sums["total_tokens"]
