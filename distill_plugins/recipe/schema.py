@@ -199,7 +199,9 @@ class CheckpointSpec:
 
     dir: Optional[str] = _help("checkpoint directory; default <output_dir>/checkpoints", default=None)
     interval: int = _help("steps between saves; 0 saves only at the end and on a signal", default=0)
-    resume: str = _help("auto (latest valid checkpoint, if any), none, or a checkpoint path", default="auto")
+    resume: str = _help("auto (newest checkpoint that loads on every rank; none there: start fresh; some there but "
+                        "none loads: refuse to start), none (start fresh, existing checkpoints kept), or a checkpoint "
+                        "path", default="auto")
     keep: int = _help("newest checkpoints kept; older ones are deleted", default=2)
 
     def __post_init__(self):
