@@ -15,6 +15,7 @@ import this module).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -114,7 +115,7 @@ def _colocated(path: Path, out: str, overrides) -> dict:
     return {"status": status, "steps": rec.steps, "evals": rec.evals}
 
 
-def _separate(path: Path, out: str, overrides, callbacks=(), poison: bool = False) -> dict:
+def _separate(path: Path, out: str, overrides, callbacks=(), poison: bool = False, mismatch: bool = False) -> dict:
     from distill_plugins.engine.remote_teacher import SeparateRun
     from distill_plugins.engine.role_groups import initialize_roles
     from distill_plugins.engine.run import Engine, resolve_specs, resolve_vocab_sizes
@@ -130,6 +131,8 @@ def _separate(path: Path, out: str, overrides, callbacks=(), poison: bool = Fals
                                                             callbacks=[rec, *callbacks]))
     if roles.is_teacher:
         _sharpen(run.side.model)
+    elif mismatch:  # the students expect another teacher width than the teacher ranks send
+        run.teacher_provider.header = dataclasses.replace(run.teacher_provider.header, hidden_size=48)
     run.connect()
     if poison and run.teacher_provider is not None and run.teacher_provider.weight is not None:
         run.teacher_provider.weight[0].fill_(float("nan"))  # the teacher's logit of token 0 is NaN on every row
@@ -168,6 +171,12 @@ def four_rank_body(rank: int, world: int, out: str) -> dict:
     res["pp2/signal"] = _separate(PP2, os.path.join(out, "pp2_signal"), [OBJECTIVES["forward_kl"]], kill)
     res["pp2/resumed"] = _separate(PP2, os.path.join(out, "pp2_signal"),
                                    [OBJECTIVES["forward_kl"], "checkpoint.resume=auto"])
+    # a payload header the students do not expect: every rank refuses to start, naming the key
+    try:
+        _separate(PP2, os.path.join(out, "pp2_mismatch"), [OBJECTIVES["forward_kl"]], mismatch=True)
+        res["mismatch"] = None
+    except DistillError as exc:
+        res["mismatch"] = str(exc)
     # NaN teacher logits on the students: every rank skips, and after 2 in a row every rank stops together
     try:
         _separate(PP2, os.path.join(out, "pp2_nan"), [OBJECTIVES["forward_kl"], "training.max_consecutive_nonfinite=2"],
@@ -244,6 +253,13 @@ def test_sigusr1_on_a_student_rank_stops_every_rank_and_resume_is_exact(runs):
     assert [s["step"] for s in resumed["steps"]] == [3, 4, 5]
     assert _losses(resumed) == full[2:]  # bit-exact
     assert resumed["evals"][0]["eval_kd_loss"] == ranks[0]["pp2/forward_kl"]["evals"][0]["eval_kd_loss"]
+
+
+def test_payload_header_mismatch_stops_every_rank_naming_the_key(runs):
+    for r in runs["ranks"]:
+        assert r["mismatch"] is not None, "a mismatched payload header started training"
+        assert "the teacher ranks send teacher.hidden_size=64, the student ranks expect teacher.hidden_size=48" \
+            in r["mismatch"]
 
 
 def test_nan_teacher_logits_stop_every_rank_together(runs):
@@ -326,9 +342,8 @@ def test_weight_routes_cover_each_student_shard_once(t_tp, tp):
         expect_lo, expect_hi = i * rows, min((i + 1) * rows, vocab)
         assert covered[0][0] == expect_lo and covered[-1][1] == expect_hi
         assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # contiguous, no overlap
-        senders = [s for s in layout.teacher.ranks if dst in header_destinations(
-            layout, s, vocab_size=vocab, make_vocab_size_divisible_by=d)]
-        assert len(senders) == 1  # one header per receiver
+        senders = [s for s in layout.teacher.ranks if dst in header_destinations(layout, s)]
+        assert len(senders) == 1 and senders[0] in layout.teacher.last_stage_ranks()  # one header per receiver
 
 
 def test_payload_header_mismatch_names_the_keys():

@@ -91,6 +91,7 @@ from distill_plugins.engine.role_groups import Roles, initialize_roles
 from distill_plugins.engine.signals import StopSignals, current_stop_handlers
 from distill_plugins.engine.stage import position_ids_for
 from distill_plugins.engine.teacher_ranks import (PayloadHeader, Route, check_payload_header, header_destinations,
+                                                  header_source,
                                                   microbatches_per_step, routing_table, separate_teacher_errors,
                                                   teacher_items, weight_routes)
 from distill_plugins.engine.trainer import NonFiniteLossError
@@ -200,41 +201,38 @@ class RemoteTeacher:
 
     # -- start-up ---------------------------------------------------------------
     def connect(self) -> None:
-        """Receive this rank's shard of the teacher's output layer and the payload header (collective).
+        """Check the teacher's payload header, then receive this rank's shard of its output layer (collective).
 
-        Every rank calls it at the same point as :meth:`TeacherServer.connect`; a header that
-        does not match this recipe (:func:`~.teacher_ranks.check_payload_header`) raises the
-        same :class:`DistillError` on every rank.
+        Every rank calls it at the same point as :meth:`TeacherServer.connect`. The header is
+        checked against this recipe (:func:`~.teacher_ranks.check_payload_header`) and the verdict
+        agreed over the world before any weight moves: a mismatch raises the same
+        :class:`DistillError`, naming the keys, on every rank.
         """
         errors: list[str] = []
         if self.is_receiver:
-            errors = self._receive_start()
+            header = torch.zeros(5, dtype=torch.int64)
+            dist.recv(header, src=header_source(self.layout, self.roles.rank), group=self.roles.payload_group,
+                      tag=_TAG_HEADER)
+            errors = check_payload_header(self.header, PayloadHeader.decode(header.tolist()))
         agreed = _agree_messages("; ".join(errors) if errors else None)
         if agreed:
             raise DistillError("teacher on its own ranks: " + "; ".join(agreed))
+        if self.is_receiver:
+            self.weight = self._receive_weight()
 
-    def _receive_start(self) -> list[str]:
+    def _receive_weight(self) -> torch.Tensor:
+        """``[Vp / TP_s, h_t]``: the real rows from the teacher ranks that hold them (``weight_routes``), padding 0."""
         s = self.layout.student
-        tp, _, _ = self.roles.coords
-        rows = padded_vocab_size(self.vocab_size, self.recipe.parallel.make_vocab_size_divisible_by, s.tensor) \
-            // s.tensor
-        header = torch.zeros(5, dtype=torch.int64)
-        me = self.roles.rank
-        routes = [w for w in weight_routes(self.layout, vocab_size=self.vocab_size,
-                                           make_vocab_size_divisible_by=self.recipe.parallel.make_vocab_size_divisible_by)
-                  if w.dst == me]
-        dist.recv(header, src=routes[0].src, group=self.roles.payload_group, tag=_TAG_HEADER)  # first route's sender
-        received = PayloadHeader.decode(header.tolist())
-        errors = check_payload_header(self.header, received)
-        if errors:
-            return errors
+        tp = self.roles.coords[0]
+        d = self.recipe.parallel.make_vocab_size_divisible_by
+        rows = padded_vocab_size(self.vocab_size, d, s.tensor) // s.tensor
         weight = torch.zeros(rows, self.header.hidden_size, dtype=self.dtype)
-        for w in routes:
-            lo = w.start - tp * rows
-            dist.recv(weight[lo:lo + (w.stop - w.start)], src=w.src, group=self.roles.payload_group,
-                      tag=_TAG_WEIGHT + w.teacher_tp)
-        self.weight = weight
-        return []
+        for w in weight_routes(self.layout, vocab_size=self.vocab_size, make_vocab_size_divisible_by=d):
+            if w.dst == self.roles.rank:
+                lo = w.start - tp * rows
+                dist.recv(weight[lo:lo + (w.stop - w.start)], src=w.src, group=self.roles.payload_group,
+                          tag=_TAG_WEIGHT + w.teacher_tp)
+        return weight
 
     # -- per microbatch ---------------------------------------------------------
     def _post(self, kind: str) -> None:
@@ -378,35 +376,37 @@ class TeacherServer:
 
     # -- start-up ---------------------------------------------------------------
     def connect(self) -> None:
-        """Send the output layer's rows and the payload header to the students (see :meth:`RemoteTeacher.connect`)."""
-        if self.is_last_stage and self.dp_rank == 0:
-            me = self.roles.rank
-            routes = [w for w in weight_routes(self.layout, vocab_size=self.vocab_size,
-                                               make_vocab_size_divisible_by=self.parallel.make_vocab_size_divisible_by)
-                      if w.src == me]
-            model = self.model
-            weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights \
-                else model.output_layer.weight
-            rows = model_layout(model).padded_vocab_size // self.parallel.tensor
+        """Send the payload header, agree on the students' verdict, then send the output layer's rows.
+
+        The collective counterpart of :meth:`RemoteTeacher.connect`; only teacher replica 0's last
+        stage sends anything.
+        """
+        sender = self.is_last_stage and self.dp_rank == 0
+        me, model, group = self.roles.rank, self.model, self.roles.payload_group
+        if sender:
             header = torch.tensor(PayloadHeader(
                 seq_length=self.recipe.data.seq_length, micro_batch_size=self.recipe.training.micro_batch_size,
                 hidden_size=model.config.hidden_size, precision=self.recipe.training.precision,
                 vocab_size=model_layout(model).vocab_size).encode(), dtype=torch.int64)
-            works, keep = [], []
-            for dst in header_destinations(self.layout, me, vocab_size=self.vocab_size,
-                                           make_vocab_size_divisible_by=self.parallel.make_vocab_size_divisible_by):
-                works.append(dist.isend(header, dst=dst, group=self.roles.payload_group, tag=_TAG_HEADER))
-            for w in routes:
-                lo = w.start - self.tp_rank * rows
-                piece = weight.detach()[lo:lo + (w.stop - w.start)].contiguous()
-                keep.append(piece)
-                works.append(dist.isend(piece, dst=w.dst, group=self.roles.payload_group,
-                                        tag=_TAG_WEIGHT + w.teacher_tp))
-            for work in works:
+            for work in [dist.isend(header, dst=dst, group=group, tag=_TAG_HEADER)
+                         for dst in header_destinations(self.layout, me)]:
                 work.wait()
         agreed = _agree_messages(None)
         if agreed:
             raise DistillError("teacher on its own ranks: " + "; ".join(agreed))
+        if sender:
+            weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights \
+                else model.output_layer.weight
+            rows = model_layout(model).padded_vocab_size // self.parallel.tensor
+            works, keep = [], []
+            for w in weight_routes(self.layout, vocab_size=self.vocab_size,
+                                   make_vocab_size_divisible_by=self.parallel.make_vocab_size_divisible_by):
+                if w.src == me:
+                    lo = w.start - self.tp_rank * rows
+                    keep.append(weight.detach()[lo:lo + (w.stop - w.start)].contiguous())
+                    works.append(dist.isend(keep[-1], dst=w.dst, group=group, tag=_TAG_WEIGHT + w.teacher_tp))
+            for work in works:
+                work.wait()
 
     # -- data -------------------------------------------------------------------
     def _read_train(self, step: int) -> list[list[dict]]:

@@ -59,7 +59,7 @@ from distill_plugins.recipe.schema import Recipe, padded_vocab_size
 from distill_plugins.shapes import ffn_hidden_size
 
 __all__ = ["STUDENT", "TEACHER", "RoleLayout", "SeparateLayout", "Route", "routing_table", "teacher_items",
-           "WeightRoute", "weight_routes", "header_destinations", "PayloadHeader", "check_payload_header", "payload_bytes_per_token",
+           "WeightRoute", "weight_routes", "header_source", "header_destinations", "PayloadHeader", "check_payload_header", "payload_bytes_per_token",
            "logits_bytes_per_token", "element_bytes", "separate_teacher_errors", "microbatches_per_step"]
 
 STUDENT, TEACHER = "student", "teacher"
@@ -277,13 +277,19 @@ def weight_routes(layout: SeparateLayout, *, vocab_size: int, make_vocab_size_di
     return out
 
 
-def header_destinations(layout: SeparateLayout, src: int, *, vocab_size: int,
-                        make_vocab_size_divisible_by: int) -> list[int]:
-    """The student ranks to which ``src`` sends the payload header: those whose first weight route is from ``src``."""
-    first: dict[int, int] = {}
-    for w in weight_routes(layout, vocab_size=vocab_size, make_vocab_size_divisible_by=make_vocab_size_divisible_by):
-        first.setdefault(w.dst, w.src)
-    return sorted(dst for dst, s in first.items() if s == src)
+def header_source(layout: SeparateLayout, dst: int) -> int:
+    """The teacher rank that sends the payload header to student last-stage rank ``dst``.
+
+    TP rank ``i mod Tt`` of teacher replica 0's last stage, for the student's TP rank ``i`` (every
+    receiver gets one header, even a TP shard that holds only vocabulary padding).
+    """
+    s, t = layout.student, layout.teacher
+    return t.rank(tp=s.coords(dst)[0] % t.tensor, dp=0, pp=t.pipeline - 1)
+
+
+def header_destinations(layout: SeparateLayout, src: int) -> list[int]:
+    """The student ranks to which teacher rank ``src`` sends the payload header (:func:`header_source`)."""
+    return [dst for dst in layout.student.last_stage_ranks() if header_source(layout, dst) == src]
 
 
 # ---------------------------------------------------------------------------
