@@ -84,6 +84,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from distill_plugins.checkpoint.integrity import agree_errors
 from distill_plugins.checkpoint.run_checkpoint import (checkpoint_directory, load_checkpoint, resolve_resume,
                                                        save_checkpoint)
 from distill_plugins.data.iterators import EvalData, MicrobatchIterator, build_data, build_eval_data
@@ -121,10 +122,7 @@ def agree_start(error: Optional[BaseException]) -> None:
     failure on one rank (a bad weight file, a data error) stops every rank instead of
     leaving the other role waiting for a payload.
     """
-    message = None if error is None else f"rank {dist.get_rank()}: {type(error).__name__}: {error}"
-    messages: list[Optional[str]] = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, message)
-    failed = [m for m in messages if m]
+    failed = agree_errors(None if error is None else f"rank {dist.get_rank()}: {type(error).__name__}: {error}")
     if failed:
         if error is not None:
             raise error
@@ -214,7 +212,7 @@ class RemoteTeacher:
             dist.recv(header, src=header_source(self.layout, self.roles.rank), group=self.roles.payload_group,
                       tag=_TAG_HEADER)
             errors = check_payload_header(self.header, PayloadHeader.decode(header.tolist()))
-        agreed = _agree_messages("; ".join(errors) if errors else None)
+        agreed = agree_errors("; ".join(errors) if errors else None)
         if agreed:
             raise DistillError("teacher on its own ranks: " + "; ".join(agreed))
         if self.is_receiver:
@@ -287,12 +285,6 @@ class RemoteTeacher:
     def layout_record(self) -> dict:
         """The layout the checkpoints of this run carry (both roles)."""
         return self.layout.record()
-
-
-def _agree_messages(message: Optional[str]) -> list[str]:
-    out: list[Optional[str]] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, message)
-    return [m for m in out if m]
 
 
 # ---------------------------------------------------------------------------
@@ -391,7 +383,7 @@ class TeacherServer:
             for work in [dist.isend(header, dst=dst, group=group, tag=_TAG_HEADER)
                          for dst in header_destinations(self.layout, me)]:
                 work.wait()
-        agreed = _agree_messages(None)
+        agreed = agree_errors(None)
         if agreed:
             raise DistillError("teacher on its own ranks: " + "; ".join(agreed))
         if sender:
@@ -568,7 +560,7 @@ class TeacherServer:
             self.consecutive_nonfinite = int(extra.get("consecutive_nonfinite", 0))
         except Exception as exc:  # agreed below, as the students do
             error = f"rank {self.roles.rank}: {type(exc).__name__}: {exc}"
-        errors = _agree_messages(error)
+        errors = agree_errors(error)
         if errors:
             raise DistillError(f"cannot resume from {path}: {'; '.join(errors)}")
         log.info("teacher ranks resumed from %s at step %d", path, self.step)
