@@ -14,4 +14,7 @@ Modules:
     signals         SIGUSR1/SIGTERM: agree at a step boundary, save, exit 0
     process_groups  torch.distributed + megatron groups from a recipe -> ParallelContext
     cpu             CPU layer: megatron-core's CUDA-only paths on the CPU (gloo)
+    teacher_ranks   a teacher on its own ranks: rank split, routing table, layout checks (torch-free)
+    role_groups     both roles' megatron groups; this rank's role installed in parallel_state
+    remote_teacher  the teacher ranks' loop (TeacherServer), the student's receiver (RemoteTeacher), SeparateRun
 """
