@@ -539,7 +539,7 @@ class _FusedOutputLayerLoss(torch.autograd.Function):
                 kd_sum += (loss_rows * sq if sq is not None else loss_rows).double().sum()
                 if grad_k is not None:
                     if g is None and kr is None:
-                        g = grad_k.float()
+                        g = grad_k  # cast (or not) once, for the GEMMs below
                     else:
                         if g is None:
                             g = torch.zeros((r, v_local), dtype=torch.float32, device=dev)
