@@ -32,10 +32,11 @@ def plugins_json(env: dict[str, str]) -> list[dict[str, str]]:
     return json.loads(out.stdout)
 
 
-def test_builtins_listed_for_all_four_kinds():
+def test_builtins_listed_for_all_five_kinds():
     env = dict(os.environ, DISTILL_PLUGINS_NO_ENTRY_POINTS="1")
     rows = plugins_json(env)
-    assert {r["kind"] for r in rows} == {"objective", "token_selector", "temperature_policy", "vocab_aligner"}
+    assert {r["kind"] for r in rows} == {"objective", "token_selector", "temperature_policy", "vocab_aligner",
+                                         "sequence_source"}
     assert all(set(r) >= {"kind", "name", "plugin", "distribution"} for r in rows)
     assert all(r["distribution"] == "distill-plugins" for r in rows)
 
