@@ -134,6 +134,7 @@ def rank_body(rank, world_size, ckpt_dir, data_prefix, tok_path, out_dir):
     dist.barrier()
     result["dist_dirs"] = sorted(os.listdir(ckpt_dir + "_dist"))
     result["dist_latest"] = str(find_latest_checkpoint(ckpt_dir + "_dist"))
+    dist.barrier()  # every rank has looked before rank 0 rewrites a file below
     # -- a flipped byte in model_dist/ (rank 1's share or not): loading refuses on every rank ----------
     model_dist = os.path.join(str(path), "model_dist")
     if rank == 0:

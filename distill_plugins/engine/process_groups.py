@@ -45,19 +45,22 @@ def free_port() -> int:
 
 
 def _init_torch_distributed(cpu: bool, timeout_minutes: int) -> None:
+    """The default process group: from torchrun's environment, or a 1-rank group in this process.
+
+    A single process (no ``RANK``/``WORLD_SIZE``, or ``WORLD_SIZE=1``) rendezvous through an in-process
+    store: no TCP port, so a stale ``MASTER_PORT`` inherited from a parent process cannot collide.
+    """
     if dist.is_initialized():
         return
     backend = "gloo" if cpu else "nccl"
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        # Single process without torchrun: a 1-rank group on a free loopback port.
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    single = "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or os.environ["WORLD_SIZE"] == "1"
     if not cpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    if single:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
 
 
 def initialize(parallel: ParallelSpec, *, seed: int = 1234, cpu: bool = False,
