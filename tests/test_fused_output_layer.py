@@ -33,8 +33,8 @@ from distill_plugins.objectives.fused import (
     token_statistics,
 )
 from distill_plugins.selection import scores
-from distill_plugins.selection.selectors import LATF, AdaSPEC, top_fraction_keep
-from distill_plugins.selection.temperature import IDTS, idts_temperatures
+from distill_plugins.selection.selectors import LATF, AdaSPEC, AllTokens, RandomFraction, TopFraction, top_fraction_keep
+from distill_plugins.selection.temperature import IDTS, ConstantTemperature, ScheduledTemperature, idts_temperatures
 from distill_plugins.testing.distributed import run_distributed
 
 OBJECTIVES = [("forward_kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.3}), ("tvd", {}), ("skew_kl", {}),
@@ -550,3 +550,24 @@ def test_fused_contract_accepts_builtins_and_catches_chunk_sensitive_objectives(
         check_fused_contract(ChunkSensitive, distributed=False)
     with pytest.raises(AssertionError, match="does not set supports_fused_output_layer"):
         check_fused_contract(PlainObjective, distributed=False)
+
+
+# --------------------------------------------------------------------------- built-in selectors and policies
+
+
+@pytest.mark.parametrize("selector,policy,reference", [
+    (lambda: AllTokens(AllTokens.Config()), lambda: ConstantTemperature(ConstantTemperature.Config(value=2.0)), False),
+    (lambda: RandomFraction(RandomFraction.Config(fraction=0.5)),
+     lambda: ScheduledTemperature(ScheduledTemperature.Config(start=1.0, end=3.0)), False),
+    (lambda: TopFraction(TopFraction.Config(fraction=0.5, score="reverse_kl")), lambda: IDTS(IDTS.Config()), False),
+    (lambda: LATF(LATF.Config(initial_ratio=0.6, max_ratio=0.6)), lambda: IDTS(IDTS.Config(c=0.8)), False),
+    (lambda: AdaSPEC(AdaSPEC.Config(fraction=0.4)), lambda: IDTS(IDTS.Config(score="student_entropy")), True),
+], ids=["all+constant", "random+schedule", "top_fraction+idts", "latf+idts", "adaspec+idts"])
+def test_builtin_selectors_and_policies_run_fused(selector, policy, reference):
+    p = _problem(seed=30)
+    parts = _parts("forward_kl", {}, selector=selector(), temperature=policy(), ce_weight=0.5)
+    mat_parts = _parts("forward_kl", {}, selector=selector(), temperature=policy(), ce_weight=0.5)
+    assert fused_support(parts).supported
+    res = _compare(_fused(p, parts, chunk_rows=6, reference=reference),
+                   _materialised(p, mat_parts, reference=reference))
+    _assert_close(res, "built-in parts")

@@ -230,4 +230,14 @@ def compute_score(name: str, ctx: TokenContext) -> torch.Tensor:
         fn = _SCORES[name]
     except KeyError:
         raise InputError(f"unknown score {name!r}; known scores: {', '.join(SCORE_NAMES)}") from None
+    if ctx.token_stats is not None:  # the fused output layer computed it in its statistics pass
+        return token_stat(ctx, name)
     return fn(ctx.student_logits, ctx.teacher_logits, tp_group=ctx.tp_group, vocab_size=ctx.vocab_size)
+
+
+def token_stat(ctx: TokenContext, name: str) -> torch.Tensor:
+    """``ctx.token_stats[name]`` (fused output layer), or an InputError naming the part's missing declaration."""
+    if name not in ctx.token_stats:
+        raise InputError(f"token statistic {name!r} was not computed by the fused output layer's statistics "
+                         f"pass (computed: {sorted(ctx.token_stats)}); list it in the part's fused_token_stats()")
+    return ctx.token_stats[name]

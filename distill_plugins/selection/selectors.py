@@ -46,7 +46,7 @@ import torch.distributed as dist
 from distill_plugins.errors import InputError
 from distill_plugins.interfaces import PartConfig, Selection, StepStats, TokenContext, TokenSelector
 from distill_plugins.parallel import group_size
-from distill_plugins.selection.scores import ScoreName, compute_score, loss_gap
+from distill_plugins.selection.scores import ScoreName, compute_score, loss_gap, token_stat
 
 __all__ = [
     "AdaSPEC",
@@ -145,6 +145,9 @@ class AllTokens(_Selector):
     class Config(SelectorConfig):
         pass
 
+    def fused_token_stats(self) -> tuple[str, ...]:
+        return ()
+
     def select(self, ctx: TokenContext) -> Selection:
         n = ctx.student_logits.shape[0]
         keep = torch.ones(n, dtype=torch.bool, device=ctx.student_logits.device)
@@ -166,6 +169,9 @@ class TopFraction(_Selector):
 
         def __post_init__(self):
             _check_unit_interval("fraction", self.fraction)
+
+    def fused_token_stats(self) -> tuple[str, ...]:
+        return (self.config.score,)
 
     def select(self, ctx: TokenContext) -> Selection:
         scores = compute_score(self.config.score, ctx)
@@ -193,6 +199,9 @@ class RandomFraction(_Selector):
         super().__init__(config)
         self._step = -1
         self._call = 0
+
+    def fused_token_stats(self) -> tuple[str, ...]:
+        return ()
 
     def select(self, ctx: TokenContext) -> Selection:
         if ctx.step != self._step:
@@ -273,6 +282,9 @@ class LATF(_Selector):
         self.ema: Optional[float] = None
         self.ref_loss: Optional[float] = None
         self.step: int = 0
+
+    def fused_token_stats(self) -> tuple[str, ...]:
+        return (self.config.score,)
 
     def select(self, ctx: TokenContext) -> Selection:
         scores = compute_score(self.config.score, ctx)
@@ -362,11 +374,17 @@ class AdaSPEC(_Selector):
         def __post_init__(self):
             _check_unit_interval("fraction", self.fraction)
 
+    def fused_token_stats(self) -> tuple[str, ...]:
+        return ("loss_gap",)
+
     def select(self, ctx: TokenContext) -> Selection:
         if ctx.reference_logits is None:
             raise InputError("selector 'adaspec' needs reference model logits (recipe key 'reference'), got none")
-        gap = loss_gap(ctx.student_logits, ctx.teacher_logits, ctx.reference_logits,
-                       tp_group=ctx.tp_group, vocab_size=ctx.vocab_size)
+        if ctx.token_stats is not None:  # fused output layer: computed by its statistics pass
+            gap = token_stat(ctx, "loss_gap")
+        else:
+            gap = loss_gap(ctx.student_logits, ctx.teacher_logits, ctx.reference_logits,
+                           tp_group=ctx.tp_group, vocab_size=ctx.vocab_size)
         if gap.shape[0] == 0:
             keep = torch.zeros(0, dtype=torch.bool, device=gap.device)
         else:

@@ -62,6 +62,9 @@ class ConstantTemperature(_Policy):
         def __post_init__(self):
             _check_positive("value", self.value)
 
+    def fused_token_stats(self) -> tuple[str, ...]:
+        return ()
+
     def temperatures(self, ctx: TokenContext, selection: Selection) -> Temperature:
         return float(self.config.value)
 
@@ -103,6 +106,9 @@ class ScheduledTemperature(_Policy):
             _check_positive("end", self.end)
             if self.steps is not None and self.steps < 1:
                 raise ValueError(f"steps={self.steps!r} must be >= 1 or null")
+
+    def fused_token_stats(self) -> tuple[str, ...]:
+        return ()
 
     def temperatures(self, ctx: TokenContext, selection: Selection) -> Temperature:
         steps = self.config.steps if self.config.steps is not None else ctx.total_steps
@@ -171,6 +177,9 @@ class IDTS(_Policy):
             return s
         name = "hellinger" if self.config.score == "auto" else self.config.score
         return compute_score(name, ctx)
+
+    def fused_token_stats(self) -> tuple[str, ...]:
+        return ("hellinger" if self.config.score == "auto" else self.config.score,)
 
     def temperatures(self, ctx: TokenContext, selection: Selection) -> Temperature:
         s = self._scores(ctx, selection)
