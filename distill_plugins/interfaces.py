@@ -459,6 +459,8 @@ class SequenceSource(Part):
 
     #: whether any plan may ask for generated responses (the engine then needs instruct batches with prompts)
     generates: ClassVar[bool] = True
+    #: whether a plan may ask for teacher samples (FROM_TEACHER: the run then needs a built, co-located teacher)
+    samples_teacher: ClassVar[bool] = False
 
     def plan(self, num_examples: int, *, step: int, total_steps: int, generator: torch.Generator) -> SequencePlan:
         raise NotImplementedError

@@ -16,7 +16,8 @@ this process:
    (``checkpoint.run_checkpoint.resolve_resume``: refuses to start when
    checkpoints exist and none can be loaded), objective, selector and
    temperature policy (:func:`.loss.build_loss_parts`), the vocabulary aligner
-   (:class:`.alignment.AlignerRuntime`), the data iterator, student, teacher,
+   (:class:`.alignment.AlignerRuntime`), the data iterator, the sequence source
+   (:class:`.sequences.SequenceRuntime`), student, teacher,
    DDP, optimizer and scheduler (:class:`.trainer.Trainer`), then the resume;
 5. :meth:`Engine.train`, the loop.
 
@@ -68,6 +69,7 @@ from distill_plugins.engine.callbacks import (Callback, CheckpointSchedule, Eval
 from distill_plugins.engine.cpu import enable_cpu_mode
 from distill_plugins.engine.loss import build_loss_parts
 from distill_plugins.engine.remote_teacher import start_separate
+from distill_plugins.engine.sequences import SequenceRuntime
 from distill_plugins.engine.signals import StopSignals, current_stop_handlers, install_stop_handlers, \
     restore_stop_handlers
 from distill_plugins.engine.trainer import Trainer
@@ -175,9 +177,12 @@ class Engine:
         self.aligner = AlignerRuntime.build(recipe, host, student_vocab_size=self.vocab_size,
                                             teacher_vocab_size=self.teacher_vocab_size)
         self.data = data if data is not None else self._build_data(split="train")
+        # where each step's responses come from (docs/sequences.md); refuses what it cannot run
+        self.sequences = SequenceRuntime.build(recipe, host, ctx=self.ctx, data=self.data, aligner=self.aligner,
+                                               teacher_provider=teacher_provider)
         self.trainer = Trainer.build(recipe, self.parts, ctx=self.ctx, data=self.data, vocab_size=self.vocab_size,
                                      cpu=cpu, teacher_vocab_size=self.teacher_vocab_size, aligner=self.aligner,
-                                     teacher_provider=teacher_provider)
+                                     teacher_provider=teacher_provider, sequences=self.sequences)
         self.layout = {"tp": recipe.parallel.tensor, "pp": recipe.parallel.pipeline, "dp": self.ctx.dp_size} \
             if teacher_provider is None else teacher_provider.layout_record()  # both roles' layouts
         self.control = LoopControl()
@@ -284,6 +289,9 @@ class Engine:
         aligner_state = self.aligner.state_dict()
         if aligner_state:
             state["aligner"] = aligner_state
+        sequences_state = self.sequences.state_dict()
+        if sequences_state:  # a stateful source (a schedule, a replay buffer): parts/sequences
+            state["sequences"] = sequences_state
         return state
 
     def load(self, path: str | Path, *, checked: bool = False) -> None:
@@ -343,6 +351,7 @@ class Engine:
         saved_parts = dict(ck.parts_state or {})
         if self.aligner.state_dict() or "aligner" in saved_parts:
             self.aligner.load_state_dict(saved_parts.pop("aligner", {}))
+        self.sequences.load_state_dict(saved_parts.pop("sequences", {}))
         for key, state in saved_parts.items():
             if key in parts:
                 parts[key].load_state_dict(state)

@@ -22,8 +22,14 @@ callbacks of :mod:`distill_plugins.engine.callbacks`. The trainer holds:
 
 One step (:meth:`Trainer.train_step`):
 
-1. zero the grad buffers; run the step's ``num_microbatches = global_batch /
-   (micro_batch * DP)`` microbatches through megatron's schedule
+1. with a generating sequence source (``sequences``: ``on_policy``, ``mixed``,
+   ``teacher_generated``, a plugin's), pull the step's microbatches and let
+   :class:`~distill_plugins.engine.sequences.SequenceRuntime` plan them,
+   generate the planned responses from the student / teacher and rebuild the
+   batches (docs/sequences.md; ``gen_s``, ``generated_tokens``,
+   ``on_policy_fraction`` join the metrics); then zero the grad buffers; run
+   the step's ``num_microbatches = global_batch / (micro_batch * DP)``
+   microbatches through megatron's schedule
    (:func:`~distill_plugins.engine.stage.forward_backward`); the loss glue
    returns (sum, count, report) per microbatch and megatron divides the
    gradients by the step's global token count;
@@ -76,6 +82,7 @@ from distill_plugins.recipe.schema import Recipe
 from distill_plugins.models import build as models
 from distill_plugins.engine.loss import REPORT_KEYS, LossParts, distill_loss
 from distill_plugins.engine.stage import DistillStage, StageOutput, check_schedule, forward_backward
+from distill_plugins.engine.sequences import SequenceRuntime
 from distill_plugins.models.sources import build_teacher, load_model_weights
 
 __all__ = ["Trainer", "StepResult", "NonFiniteLossError", "num_microbatches", "reduce_reports"]
@@ -128,8 +135,11 @@ class Trainer:
 
     def __init__(self, *, recipe: Recipe, ctx: ParallelContext, model, stage: DistillStage, optimizer, scheduler,
                  parts: LossParts, data: Iterator[dict[str, torch.Tensor]], vocab_size: int,
-                 cpu: bool = False, aligner=None, teacher_provider=None):
+                 cpu: bool = False, aligner=None, teacher_provider=None,
+                 sequences: SequenceRuntime | None = None):
         self.recipe, self.ctx, self.model, self.stage = recipe, ctx, model, stage
+        #: the sequence source at work (:mod:`.sequences`), or None / a non-generating one (the data's responses)
+        self.sequences = sequences
         self.optimizer, self.scheduler, self.parts, self.data = optimizer, scheduler, parts, data
         self.vocab_size, self.cpu = vocab_size, cpu
         #: the :class:`~.alignment.AlignerRuntime`, or None (one vocabulary, usual glue)
@@ -153,7 +163,7 @@ class Trainer:
     @classmethod
     def build(cls, recipe: Recipe, parts: LossParts, *, ctx: ParallelContext, data: Iterator, vocab_size: int,
               cpu: bool = False, teacher_vocab_size: int | None = None, aligner=None,
-              teacher_provider=None) -> "Trainer":
+              teacher_provider=None, sequences: SequenceRuntime | None = None) -> "Trainer":
         """Build student, teacher, DDP, optimizer and scheduler for ``recipe``.
 
         ``parallel_state`` must be initialised. The student's weights come from
@@ -162,7 +172,8 @@ class Trainer:
         tokenizer differs (default ``vocab_size``); ``aligner``: an
         :class:`~.alignment.AlignerRuntime` (its trainable modules join the
         optimizer). ``teacher_provider``: a teacher on its own ranks (docs/separate_teacher.md);
-        no teacher is built here, the loss gets its logits from the provider.
+        no teacher is built here, the loss gets its logits from the provider. ``sequences``:
+        a :class:`~.sequences.SequenceRuntime` (where each step's responses come from).
         """
         check_schedule(recipe.parallel.virtual_pipeline)
         t, par = recipe.training, recipe.parallel
@@ -220,7 +231,7 @@ class Trainer:
             config.grad_scale_func = optimizer.scale_loss
         return cls(recipe=recipe, ctx=ctx, model=model, stage=stage, optimizer=optimizer, scheduler=scheduler,
                    parts=parts, data=data, vocab_size=vocab_size, cpu=cpu, aligner=aligner,
-                   teacher_provider=teacher_provider)
+                   teacher_provider=teacher_provider, sequences=sequences)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -275,10 +286,11 @@ class Trainer:
         if self._t0 is None:
             self._t0 = time.perf_counter()
         start = time.perf_counter()
+        data, gen_figures = self._step_batches()
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        reports = forward_backward(self.model, self.data, self._loss_fn, num_microbatches=self.num_microbatches,
+        reports = forward_backward(self.model, data, self._loss_fn, num_microbatches=self.num_microbatches,
                                    seq_length=self.recipe.data.seq_length, micro_batch_size=t.micro_batch_size)
         sums = reduce_reports(reports, self.ctx, is_last_stage=self.is_last_stage, keys=self.report_keys)
         # fp16: overflowing gradients are the dynamic loss scaler's business (megatron's optimizer
@@ -307,6 +319,7 @@ class Trainer:
         self.empty_microbatches += int(sums["empty_microbatches"])
         elapsed = time.perf_counter() - start
         metrics = self._metrics(sums, grad_norm, skipped, elapsed)
+        metrics.update(gen_figures)
         result = StepResult(step=self.step, skipped=skipped, metrics=metrics)
         if not skipped:
             stats = StepStats(step=self.step, total_steps=self.total_steps, kd_loss=metrics["kd_loss"],
@@ -314,7 +327,18 @@ class Trainer:
                                       "loss": metrics["loss"]})
             for part in self.parts.stateful().values():
                 part.on_optimizer_step(stats)
+            if self.sequences is not None:
+                self.sequences.source.on_optimizer_step(stats)
         return result
+
+    def _step_batches(self) -> tuple[Iterator[dict[str, Any]], dict[str, float]]:
+        """The step's microbatches and generation figures: the data iterator itself for the data's responses,
+        else the batches :meth:`~.sequences.SequenceRuntime.rollout` rebuilt with generated responses."""
+        if self.sequences is None or not self.sequences.generates:
+            return self.data, {}
+        batches = [next(self.data) for _ in range(self.num_microbatches)]
+        batches, figures = self.sequences.rollout(batches, self.stage, step=self.step, total_steps=self.total_steps)
+        return iter(batches), figures
 
     def check_nonfinite_streak(self) -> None:
         """Raise :class:`NonFiniteLossError` after ``training.max_consecutive_nonfinite`` skipped steps in a row.

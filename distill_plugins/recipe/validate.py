@@ -199,6 +199,41 @@ def _resume_errors(recipe: Recipe) -> list[str]:
     return []
 
 
+def sequence_errors(recipe: Recipe, source_cls: type, aligner_cls: Optional[type] = None) -> list[str]:
+    """Recipes a generating sequence source cannot run (docs/sequences.md, "In the engine").
+
+    A source whose class sets ``generates`` reads the prompts of instruction data
+    (``data.kind: instruct``); one that sets ``samples_teacher`` needs a teacher
+    (``loss.kd_weight > 0``); the teacher must be co-located (not
+    ``teacher_parallel``: its ranks read the data's responses themselves), and one
+    tokenizer must serve both models (re-tokenizing generated text for a
+    cross-tokenizer aligner is not implemented). The engine applies the same rule
+    when it builds the run (:class:`distill_plugins.engine.sequences.SequenceRuntime`).
+    """
+    if not getattr(source_cls, "generates", False):
+        return []
+    name, data = recipe.sequences.name, recipe.data
+    errors = []
+    if data.kind != "instruct":
+        errors.append(f"sequences: {name!r} generates responses from the prompts of the batch, but data.kind="
+                      f"{data.kind!r} has no prompts; use instruction data (data.kind: instruct, docs/data.md) or "
+                      "sequences: dataset")
+    if getattr(source_cls, "samples_teacher", False) and recipe.loss.kd_weight == 0:
+        errors.append(f"sequences: {name!r} samples responses from the teacher, but loss.kd_weight=0 builds no "
+                      "teacher; set loss.kd_weight > 0 or use a source that samples the student (on_policy, mixed)")
+    if recipe.teacher_parallel is not None:
+        errors.append(f"sequences: {name!r} generates responses, but teacher_parallel puts the teacher on ranks "
+                      "of its own, which read the data's responses themselves; remove teacher_parallel or use "
+                      "sequences: dataset")
+    two = data.teacher_tokenizer and data.teacher_tokenizer != data.tokenizer
+    if aligner_cls is not None and getattr(aligner_cls, "cross_tokenizer", False) and two:
+        errors.append(f"sequences: {name!r} generates responses, but data.teacher_tokenizer="
+                      f"{data.teacher_tokenizer!r} differs from data.tokenizer: re-tokenizing generated text for "
+                      "the teacher's cross-tokenizer aligner is not implemented; use one tokenizer or "
+                      "sequences: dataset")
+    return errors
+
+
 def _reference_errors(recipe: Recipe) -> list[str]:
     """A selector that reads a reference model (AdaSPEC) needs ``reference:`` on the student's vocabulary."""
     name = recipe.selector.name
@@ -293,6 +328,9 @@ def validate_recipe_data(data: dict[str, Any], host=None, source: str = "recipe"
     vocab_sizes: dict[str, Optional[int]] = {}
     errors.extend(_structure_errors(checked, vocab_sizes))
     errors.extend(tokenizer_vocab_errors(checked, vocab_sizes))
+    if "sequences" in part_configs:
+        aligner_cls = part_configs["aligner"][0] if "aligner" in part_configs else None
+        errors.extend(sequence_errors(checked, part_configs["sequences"][0], aligner_cls))
     errors.extend(_resume_errors(checked))
     if params_checked:
         errors.extend(host.validate_recipe(_hook_view(checked, part_configs)))

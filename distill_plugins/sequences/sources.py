@@ -100,6 +100,7 @@ class TeacherGeneratedSequences(SequenceSource):
     """Every response sampled from the teacher (sequence-level KD)."""
 
     Config = SamplingConfig
+    samples_teacher = True
 
     def plan(self, num_examples, *, step, total_steps, generator):
         return SequencePlan(origin=torch.full((num_examples,), FROM_TEACHER, dtype=torch.long),
