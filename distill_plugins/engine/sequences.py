@@ -174,12 +174,14 @@ class RolloutRecord:
         plans: one :class:`~distill_plugins.SequencePlan` per microbatch.
         responses: per microbatch, per row, the generated ids or None.
         batches: the batches handed to the pipeline schedule.
+        inputs: the data's batches they were built from.
     """
 
     step: int
     plans: list
     responses: list
     batches: list
+    inputs: list
 
 
 class SequenceRuntime:
@@ -285,7 +287,7 @@ class SequenceRuntime:
             generated += int(result.lengths.sum())
         out = [batch if plan.origin.eq(FROM_DATASET).all() else rebuild_batch(batch, resp, plan.origin, pad_id=self.eos_id)
                for batch, plan, resp in zip(batches, plans, responses)]
-        self.last = RolloutRecord(step=step, plans=plans, responses=responses, batches=out)
+        self.last = RolloutRecord(step=step, plans=plans, responses=responses, batches=out, inputs=list(batches))
         examples = sum(int(p.origin.numel()) for p in plans)
         on_policy = sum(int((p.origin != FROM_DATASET).sum()) for p in plans)
         return out, self._figures(time.perf_counter() - start, generated, on_policy, examples)
