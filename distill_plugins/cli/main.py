@@ -11,6 +11,7 @@ Subcommands::
     distill plan RECIPE --nodes N --gpus-per-node G
                                              divisibility and per-GPU memory estimate
     distill export CHECKPOINT OUT_DIR        a trained student to a Hugging Face directory
+    distill eval RECIPE --checkpoint PATH    response CE, KL to the teacher, ROUGE-L of greedy answers (or --model hf:DIR)
     distill demo [--quick]                   the embedded default: corpus, tokenizer, teacher, three students
 
 Exit codes: 0 success, 1 unexpected failure, 2 bad input (recipe, plugin, data).
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
 
     for module_name in ("distill_plugins.cli.data", "distill_plugins.cli.plan", "distill_plugins.cli.demo",
-                        "distill_plugins.cli.export"):
+                        "distill_plugins.cli.export", "distill_plugins.cli.eval"):
         importlib.import_module(module_name).add_parser(sub)
     return parser
 

@@ -17,4 +17,5 @@ Modules:
     teacher_ranks   a teacher on its own ranks: rank split, routing table, layout checks (torch-free)
     role_groups     both roles' megatron groups; this rank's role installed in parallel_state
     remote_teacher  the teacher ranks' loop (TeacherServer), the student's receiver (RemoteTeacher), SeparateRun
+    evaluation      held-out instruction evaluation: response CE, KL to the teacher, ROUGE-L of greedy answers
 """

@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import torch.distributed as dist
 
+from distill_plugins.engine.evaluation import evaluate_instruct, held_out_source
 from distill_plugins.engine.signals import StopSignals
 from distill_plugins.engine.trainer import StepResult
 from distill_plugins.logging import get_logger
@@ -260,14 +261,38 @@ class PluginObservers(Callback):
 
 
 class EvaluationSchedule(Callback):
-    """Asks for an evaluation every ``interval`` steps (``training.eval_interval``; 0 never)."""
+    """Asks for an evaluation every ``interval`` steps (``training.eval_interval``; 0 never).
+
+    With ``training.eval_generate: N`` (instruction data), each evaluation is
+    followed by the generation-based one of ``distill eval``
+    (:func:`~distill_plugins.engine.evaluation.evaluate_instruct` on the first
+    ``N`` valid examples, ``training.eval_max_new_tokens``; collective): its
+    ``eval_response_ce``, ``eval_kl``, ``eval_rouge_l``, ... go to
+    ``metrics.jsonl`` as a second line of the step and to the log (docs/eval.md).
+    """
 
     def __init__(self, interval: int):
         self.interval = interval
+        self._source = None  # the held-out split, built at the first generating evaluation
 
     def on_step_end(self, engine: "Engine", result: StepResult) -> None:
         if self.interval and result.step % self.interval == 0:
             engine.control.evaluate = True
+
+    def on_eval(self, engine: "Engine", metrics: Mapping[str, float]) -> None:
+        t = engine.recipe.training
+        if not t.eval_generate:
+            return
+        if self._source is None:
+            self._source = held_out_source(engine.recipe, "valid")
+        result = evaluate_instruct(engine, source=self._source, num_examples=t.eval_generate,
+                                   max_new_tokens=t.eval_max_new_tokens)
+        engine.metrics.append({"step": engine.trainer.step, **result.metrics})
+        m = result.metrics
+        if global_rank() == 0:
+            kl = "n/a" if m["eval_kl"] is None else f"{m['eval_kl']:.4f}"
+            log.info("eval @ step %d  response ce %.4f  kl %s  rouge-L %.2f  examples %d", engine.trainer.step,
+                     m["eval_response_ce"], kl, m["eval_rouge_l"], int(m["eval_examples"]))
 
 
 class CheckpointSchedule(Callback):

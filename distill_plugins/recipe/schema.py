@@ -179,12 +179,20 @@ class TrainingSpec:
     log_interval: int = _help("steps between progress lines", default=1)
     eval_interval: int = _help("steps between held-out evaluations; 0 disables", default=0)
     eval_batches: int = _help("microbatches per evaluation", default=4)
+    eval_generate: int = _help(
+        "instruct data: at every evaluation also answer the first N held-out (valid) examples greedily and log "
+        "eval_rouge_l, eval_response_ce and eval_kl (KL(teacher||student) on the references) in a second eval line "
+        "(docs/eval.md); 0 = no generation", default=0)
+    eval_max_new_tokens: int = _help("answer length limit of training.eval_generate and of distill eval", default=64)
 
     def __post_init__(self):
         _positive("training", steps=self.steps, micro_batch_size=self.micro_batch_size,
                   global_batch_size=self.global_batch_size, lr=self.lr, log_interval=self.log_interval,
                   max_consecutive_nonfinite=self.max_consecutive_nonfinite,
-                  initial_loss_scale=self.initial_loss_scale)
+                  initial_loss_scale=self.initial_loss_scale, eval_max_new_tokens=self.eval_max_new_tokens)
+        if self.eval_generate < 0:
+            raise ValueError(f"training.eval_generate must be >= 0 (examples answered per evaluation), got "
+                             f"{self.eval_generate}")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"training.global_batch_size={self.global_batch_size} is not a multiple of "
                              f"training.micro_batch_size={self.micro_batch_size}")

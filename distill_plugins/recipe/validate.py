@@ -110,6 +110,12 @@ def _structure_errors(recipe: Recipe, vocab_out: Optional[dict[str, Optional[int
         if spec.vocab_size is None and not (spec.hf or spec.megatron or spec.checkpoint) and not has_vocab:
             errors.append(f"{role}.vocab_size is not set and there is no data.tokenizer to take it from; "
                           f"set {role}.vocab_size")
+    if recipe.training.eval_generate and data.kind != "instruct":  # generation-based evaluation: docs/eval.md
+        errors.append(f"training.eval_generate={recipe.training.eval_generate} answers held-out prompts, but "
+                      f"data.kind={data.kind!r} has none; use data.kind: instruct or set training.eval_generate: 0")
+    elif recipe.training.eval_generate and not recipe.training.eval_interval:
+        errors.append(RecipeWarning(f"training.eval_generate={recipe.training.eval_generate} has no effect with "
+                                    "training.eval_interval=0 (no evaluation runs); set training.eval_interval"))
     return errors
 
 
