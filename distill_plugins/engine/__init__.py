@@ -11,6 +11,8 @@ Modules:
     stage           DistillStage (student + frozen teacher/reference) under megatron's pipeline schedule
     loss            selector -> temperature -> objective (+ CE mix) over vocab-parallel logits
     alignment       vocabulary aligners inside the engine (projectors, loss over two vocabularies)
+    generate        batched autoregressive generation under TP/PP (KV cache, per-row seeds)
+    sequences       sequence sources in the step: plan, generate (on-policy / SeqKD), rebuild the batches
     signals         SIGUSR1/SIGTERM: agree at a step boundary, save, exit 0
     process_groups  torch.distributed + megatron groups from a recipe -> ParallelContext
     cpu             CPU layer: megatron-core's CUDA-only paths on the CPU (gloo)

@@ -228,6 +228,8 @@ class ProgressLog(Callback):
         coverage = f"  aligned {m['aligned_fraction']:.2f}" if "aligned_fraction" in m else ""
         if "teacher_wait_s" in m:  # a teacher on its own ranks: seconds the student waited for it this step
             coverage += f"  wait {m['teacher_wait_s']:.2f}s"
+        if "gen_s" in m:  # a generating sequence source: generation seconds and on-policy share of the step
+            coverage += f"  gen {m['gen_s']:.2f}s  on-policy {m['on_policy_fraction']:.2f}"
         log.info("step %d/%d  loss %.4f%s  ce %.4f  lr %.2e  gnorm %.3f  tok/s %.0f%s%s  ETA %dm%02ds%s",
                  result.step, total, m["loss"], kd, m["ce_loss"], m["lr"], m["grad_norm"],
                  m["tokens_per_second"], kept, coverage, int(eta // 60), int(eta % 60),
