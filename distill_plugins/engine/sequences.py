@@ -24,7 +24,9 @@ schedule runs (:meth:`distill_plugins.engine.trainer.Trainer.train_step`):
    ``mix(seed, "row", t, sample_ids[i])``, so its response does not depend on
    the layout (TP, PP), on the batch it shares, or on the DP size;
    ``max_new_tokens`` is capped at ``s + 1 - min_i L_i`` (nothing longer fits
-   the window);
+   the window); with learned absolute positions (``gpt2``) a prompt longer than
+   ``max_position_embeddings - max_new_tokens`` is cut from the left for
+   generation only;
 4. rebuild each generated row exactly as :func:`distill_plugins.data.instruct.collate_instruct`
    builds a data row, from ``x = prompt + response`` (``n = |x|``, window
    ``w = s + 1``): when ``n > w`` the prompt keeps its last
@@ -301,12 +303,15 @@ class SequenceRuntime:
                                "(loss.kd_weight: 0); give the loss a KD weight or plan student/dataset responses")
         prompts = [_prompt(batches[k], i) for k, i in rows]
         s = batches[rows[0][0]]["tokens"].shape[1]
-        room = s + 1 - min(len(p) for p in prompts)
-        config = GenerationConfig.from_sampling(sampling, eos_token_id=self.eos_id, pad_token_id=self.eos_id)
-        if config.max_new_tokens > room:
-            config = GenerationConfig.from_sampling(
-                SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                               max_new_tokens=room), eos_token_id=self.eos_id, pad_token_id=self.eos_id)
+        new = min(sampling.max_new_tokens, s + 1 - min(len(p) for p in prompts))  # nothing longer fits the window
+        if getattr(model, "position_embedding_type", None) == "learned_absolute":
+            # learned positions end at max_sequence_length: the generation prompt loses its left end to leave room
+            max_pos = int(model.max_sequence_length)
+            new = max(1, min(new, max_pos - 1))
+            prompts = [p[-(max_pos - new):] for p in prompts]
+        config = GenerationConfig.from_sampling(
+            SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                           max_new_tokens=new), eos_token_id=self.eos_id, pad_token_id=self.eos_id)
         seeds = [row_seed(self.seed, step, int(batches[k]["sample_ids"][i])) if "sample_ids" in batches[k]
                  else mix_seed(self.seed, _ROW_TAG, step, k, self.ctx.dp_rank, i) for k, i in rows]
         return generate(model, prompts, config, context=self.ctx, seeds=seeds)
