@@ -310,3 +310,31 @@ def test_run_refuses_the_same_when_the_recipe_skipped_the_check():
 
     with pytest.raises(RecipeError, match="re-tokenizing generated text"):
         SequenceRuntime.build(recipe, host, ctx=ParallelContext(), aligner=TwoTokenizers())
+
+
+def test_rebuilt_rows_follow_the_window_rule():
+    from distill_plugins.engine.sequences import rebuild_batch
+
+    s, eos = 8, 0
+    prompt_tokens = torch.tensor([[eos, eos, eos, eos, eos, 11, 12, 13],    # L = 3
+                                  [21, 22, 23, 24, 25, 26, 27, 28],         # L = 8: prompt + response > s + 1
+                                  [eos, eos, eos, eos, eos, eos, 31, 32]])  # L = 2, the data's row is kept
+    data_tokens = torch.arange(3 * s).reshape(3, s)
+    data_labels = torch.full((3, s), IGNORE_INDEX)
+    data_labels[2, 3:6] = torch.tensor([7, 8, 9])
+    batch = {"tokens": data_tokens, "labels": data_labels, "loss_mask": (data_labels != IGNORE_INDEX).float(),
+             "prompt_tokens": prompt_tokens, "prompt_lengths": torch.tensor([3, 8, 2]),
+             "position_ids": torch.arange(s).expand(3, s), "sample_ids": torch.tensor([4, 5, 6])}
+    origin = torch.tensor([FROM_STUDENT, FROM_STUDENT, FROM_DATASET])
+    out = rebuild_batch(batch, [[41, 42, eos], [51, 52, 53], None], origin, pad_id=eos)
+    # row 0: x = 11 12 13 41 42 eos (6 <= 9 tokens); labels on the response only
+    assert out["tokens"][0].tolist() == [11, 12, 13, 41, 42, eos, eos, eos]
+    assert out["labels"][0].tolist() == [-100, -100, 41, 42, eos, -100, -100, -100]
+    # row 1: 8 + 3 > 9: the prompt keeps min(8, max(9 - 3, 9 // 2)) = 6 tokens (23..28)
+    assert out["tokens"][1].tolist() == [23, 24, 25, 26, 27, 28, 51, 52]
+    assert out["labels"][1].tolist() == [-100, -100, -100, -100, -100, 51, 52, 53]
+    # row 2: the data's, bit for bit
+    assert torch.equal(out["tokens"][2], data_tokens[2]) and torch.equal(out["labels"][2], data_labels[2])
+    assert torch.equal(out["loss_mask"], (out["labels"] != IGNORE_INDEX).float())
+    assert out["response_origin"].tolist() == origin.tolist() and out["sample_ids"] is batch["sample_ids"]
+    assert torch.equal(batch["tokens"], data_tokens)  # the input is not modified
