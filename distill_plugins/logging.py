@@ -11,18 +11,15 @@ import logging
 import os
 import sys
 
+import torch.distributed as dist
+
 _CONFIGURED = False
 
 
 def global_rank() -> int:
     """This process's rank from torch.distributed, else RANK, else 0."""
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
-    except ImportError:
-        pass
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
     return int(os.environ.get("RANK", "0"))
 
 

@@ -33,8 +33,10 @@ from typing import Any, ClassVar, Collection, Optional, Union
 
 import torch
 
+from ..config import did_you_mean
 from ..errors import RecipeWarning
 from ..interfaces import AlignerInputs, AlignerOutput, Objective, VocabAligner
+from .vocab import load_tokenizer, same_vocabulary
 
 __all__ = ["AlignerInputs", "AlignerOutput", "AlignerBase", "ObjectiveSpec", "resolve_aligner", "resolve_aligner_name",
            "recipe_problems", "LOGIT_FREE_POLICIES"]
@@ -130,8 +132,6 @@ class AlignerBase(VocabAligner):
             return []
         name, _ = self.objective_name_and_params()
         if name not in names:
-            from ..config import did_you_mean
-
             return [f"aligner {self.name!r}: objective {name!r} is not registered{did_you_mean(name, names)}; "
                     f"registered: {', '.join(sorted(names))}"]
         return []
@@ -203,8 +203,6 @@ def resolve_aligner_name(student_tokenizer_path: Optional[str], teacher_tokenize
         if student_vocab is None or teacher_vocab is None or student_vocab == teacher_vocab:
             return "identity"
         return cross_tokenizer_default
-    from .vocab import load_tokenizer, same_vocabulary
-
     if same_vocabulary(load_tokenizer(student_tokenizer_path), load_tokenizer(teacher_tokenizer_path)):
         return "identity"
     return cross_tokenizer_default
@@ -232,8 +230,6 @@ def _vocab_size_of(spec: str) -> int:
     """A tokenizer's size; ``embedded:N`` is N without building it."""
     if str(spec).startswith("embedded:") and str(spec)[9:].isdigit():
         return int(str(spec)[9:])
-    from .vocab import load_tokenizer
-
     return int(load_tokenizer(spec).get_vocab_size(with_added_tokens=True))
 
 

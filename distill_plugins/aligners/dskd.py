@@ -59,7 +59,7 @@ from ..interfaces import PartConfig
 from ..parallel import all_reduce_sum, group_rank, group_size, vocab_parallel_logsumexp, vocab_shard_start
 from ._tp import all_reduce_, copy_to_tp, local_columns, vocab_parallel_argmax
 from .base import AlignerBase, AlignerInputs, AlignerOutput, ObjectiveSpec, coverage_report, validate_objective_spec
-from .vocab import VocabMap
+from .vocab import VocabMap, same_vocabulary
 
 __all__ = ["DSKDAligner", "DSKDProjectors", "projector_init", "vocab_parallel_cross_entropy"]
 
@@ -216,8 +216,6 @@ class DSKDAligner(AlignerBase):
         """Tokenizers (different ones -> shared-token map) and the bound objective."""
         super().setup(student_tokenizer=student_tokenizer, teacher_tokenizer=teacher_tokenizer, objective=objective)
         if vocab_map is None and student_tokenizer is not None and teacher_tokenizer is not None:
-            from .vocab import same_vocabulary
-
             if not same_vocabulary(student_tokenizer, teacher_tokenizer):
                 vocab_map = VocabMap.from_tokenizers(student_tokenizer, teacher_tokenizer)
         self.vocab_map = vocab_map

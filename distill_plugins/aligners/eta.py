@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from ..interfaces import PartConfig
+from ..parallel import vocab_shard_start
 from ._tp import gather_vocab
 from .base import AlignerBase, AlignerInputs, AlignerOutput, ObjectiveSpec, coverage_report, validate_objective_spec
 from .vocab import VocabMap
@@ -226,8 +227,6 @@ class ETAAligner(AlignerBase):
         """Objective between the student and the teacher restricted to shared tokens, on aligned rows."""
         if getattr(self, "vocab_map", None) is None:
             raise RuntimeError("ETAAligner.loss needs setup(student_tokenizer=..., teacher_tokenizer=...) first")
-        from ..parallel import vocab_shard_start
-
         s_rows, t_rows = inputs.rows()
         if s_rows.numel() == 0:
             return self._empty(inputs, s_rows)

@@ -38,6 +38,7 @@ from ..parallel import group_size, vocab_shard_start
 from ..recipe.schema import padded_vocab_size
 from ._tp import gather_vocab
 from .base import AlignerBase
+from .vocab import load_tokenizer, same_vocabulary
 
 __all__ = ["IdentityAligner", "padded_vocab_size", "common_padded_vocab_size", "pad_vocab_rows"]
 
@@ -89,8 +90,6 @@ class IdentityAligner(AlignerBase):
         s_path, t_path = info.get("student_tokenizer"), info.get("teacher_tokenizer")
         if s_path and t_path and os.path.realpath(s_path) != os.path.realpath(t_path) \
                 and all(str(p).startswith("embedded:") or os.path.exists(p) for p in (s_path, t_path)):
-            from .vocab import load_tokenizer, same_vocabulary
-
             try:
                 same = same_vocabulary(load_tokenizer(s_path), load_tokenizer(t_path))
             except Exception as exc:  # reported, not raised: check gathers every error

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from distill_plugins.hookspecs import hookimpl
 from distill_plugins.objectives import CSD, JSD, TVD, ForwardKL, LogitMSE, ReverseKL, SkewKL, SkewReverseKL
+from distill_plugins.objectives.taid import TAID
 
 
 @hookimpl
@@ -19,6 +20,4 @@ def distill_register_objectives(register):
     register("skew_reverse_kl", SkewReverseKL)
     register("logit_mse", LogitMSE)
     register("csd", CSD)
-    from distill_plugins.objectives.taid import TAID
-
     register("taid", TAID)

@@ -26,6 +26,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from distill_plugins.data.embedded import DEFAULT_VOCAB_SIZE, build_embedded
+from distill_plugins.data.indexed import write_indexed_dataset
+from distill_plugins.data.sources import expand_inputs, iter_texts
+from distill_plugins.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from distill_plugins.errors import InputError
 
 
@@ -60,11 +64,6 @@ def _out(line: str = "") -> None:
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Handler of ``distill data prepare``; returns the exit code. Raises InputError on bad arguments."""
-    from distill_plugins.data.embedded import DEFAULT_VOCAB_SIZE, build_embedded
-    from distill_plugins.data.indexed import write_indexed_dataset
-    from distill_plugins.data.sources import expand_inputs, iter_texts
-    from distill_plugins.data.tokenizer import load_tokenizer, train_bpe_tokenizer
-
     progress = not args.no_progress
     if args.embedded:
         if args.input or args.output_prefix:

@@ -12,6 +12,13 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
+from distill_plugins.engine import process_groups as parallel_state
+from distill_plugins.engine.cpu import enable_cpu_mode
+from distill_plugins.logging import get_logger
+from distill_plugins.recipe.schema import ParallelSpec
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("export", help="export a trained student to a Hugging Face model directory",
@@ -32,17 +39,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    import torch
-
-    from distill_plugins.logging import get_logger
-    from distill_plugins.recipe.schema import ParallelSpec
-    from distill_plugins.engine import process_groups as parallel_state
+    # megatron-core (through the model builder) takes seconds to import; `distill` imports this module to build
+    # its parser, so `distill --help`, check and plan stay megatron-free
     from distill_plugins.models.hf_export import export_megatron_checkpoint
 
     cpu = args.cpu or not torch.cuda.is_available()
     if cpu:
-        from distill_plugins.engine.cpu import enable_cpu_mode
-
         enable_cpu_mode()
     parallel_state.initialize(ParallelSpec(tensor=args.tensor, pipeline=args.pipeline), cpu=cpu)
     try:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import torch.distributed as dist
 
 from ..errors import InputError
 from .tokenizer import Tokenizer
@@ -226,8 +227,6 @@ def _rank_zero_without_process_group():
     exists; GPTDataset checks. Without a process group we are rank 0, so
     answer that for the duration of the build.
     """
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         yield
         return
@@ -255,6 +254,8 @@ def megatron_sources(*, blend: Optional[tuple[list[str], Optional[list[float]]]]
         sizes: samples to build per split (None: one epoch; only without weights).
         cache_path: directory for megatron's index caches (shared by all ranks).
     """
+    # megatron-core takes seconds to import; this module also serves `distill data prepare` and the text
+    # readers, which never build megatron datasets
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 

@@ -64,6 +64,8 @@ import threading
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+import torch.cuda.nvtx as nvtx
+import torch.cuda.random as cuda_random
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["CudaToCpuMode", "enable_cpu_mode", "disable_cpu_mode", "cpu_mode", "is_cpu_mode", "PATCHED"]
@@ -144,9 +146,6 @@ def _make(kind: str, name: str) -> Callable:
 
 def _patch_table() -> list[tuple[Any, str, Any]]:
     """(object, attribute, replacement) for everything :func:`enable_cpu_mode` patches."""
-    import torch.cuda.nvtx as nvtx
-    import torch.cuda.random as cuda_random
-
     specs = [
         (torch.cuda, "current_device", "zero"),
         (torch.cuda, "device_count", "one"),
@@ -167,6 +166,8 @@ def _patch_table() -> list[tuple[Any, str, Any]]:
         fn = _make(kind, attr)
         table += [(torch.cuda, attr, fn), (cuda_random, attr, fn)]
     try:
+        # megatron-core takes seconds to import: loaded when the layer is switched on, not when this module is
+        # imported (`distill export`'s parser imports it on the megatron-free `distill --help` / check / plan path)
         from megatron.core.tensor_parallel import random as mrandom
     except ImportError:  # megatron-core absent: the torch-level layer still works
         mrandom = None

@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -33,8 +32,8 @@ from distill_plugins.errors import DistillError, RecipeError
 from distill_plugins.parallel import ParallelContext
 from distill_plugins.recipe.schema import ParallelSpec
 
-__all__ = ["initialize", "destroy", "parallel_context", "data_parallel_size", "is_pipeline_last_stage",
-           "is_pipeline_first_stage", "pipeline_rank"]
+__all__ = ["initialize", "init_torch_distributed", "free_port", "destroy", "parallel_context", "data_parallel_size",
+           "is_pipeline_last_stage", "is_pipeline_first_stage", "pipeline_rank"]
 
 
 def free_port() -> int:
@@ -44,7 +43,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init_torch_distributed(cpu: bool, timeout_minutes: int) -> None:
+def _megatron():
+    """megatron-core's ``parallel_state`` and ``tensor_parallel`` modules."""
+    # megatron-core takes seconds to import and this module is also on megatron-free paths (free_port for
+    # distill_plugins.testing, `distill export`'s parser under `distill --help`): loaded on first use
+    from megatron.core import parallel_state, tensor_parallel
+
+    return parallel_state, tensor_parallel
+
+
+def init_torch_distributed(cpu: bool, timeout_minutes: int) -> None:
     """The default process group: from torchrun's environment, or a 1-rank group in this process.
 
     A single process (no ``RANK``/``WORLD_SIZE``, or ``WORLD_SIZE=1``) rendezvous through an in-process
@@ -82,13 +90,11 @@ def initialize(parallel: ParallelSpec, *, seed: int = 1234, cpu: bool = False,
         RecipeError: the world size is not a multiple of TP x PP, or a virtual
             (interleaved) pipeline was requested.
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-
+    ps, tensor_parallel = _megatron()
     if parallel.virtual_pipeline is not None:
         raise RecipeError(f"parallel.virtual_pipeline={parallel.virtual_pipeline}: interleaved pipeline schedules "
                           "are not supported with a co-located teacher; remove the key")
-    _init_torch_distributed(cpu, timeout_minutes)
+    init_torch_distributed(cpu, timeout_minutes)
     world = dist.get_world_size()
     mp = parallel.tensor * parallel.pipeline
     # already initialised (e.g. a teacher on its own ranks, engine/role_groups.py): the world holds more than this layout
@@ -113,8 +119,7 @@ def initialize(parallel: ParallelSpec, *, seed: int = 1234, cpu: bool = False,
 
 def parallel_context() -> ParallelContext:
     """The :class:`ParallelContext` of megatron's current groups."""
-    from megatron.core import parallel_state as ps
-
+    ps, _ = _megatron()
     return ParallelContext(
         tp_group=ps.get_tensor_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(),
@@ -123,33 +128,28 @@ def parallel_context() -> ParallelContext:
 
 
 def data_parallel_size() -> int:
-    from megatron.core import parallel_state as ps
-
+    ps, _ = _megatron()
     return ps.get_data_parallel_world_size()
 
 
 def pipeline_rank() -> int:
-    from megatron.core import parallel_state as ps
-
+    ps, _ = _megatron()
     return ps.get_pipeline_model_parallel_rank()
 
 
 def is_pipeline_first_stage() -> bool:
-    from megatron.core import parallel_state as ps
-
+    ps, _ = _megatron()
     return ps.is_pipeline_first_stage()
 
 
 def is_pipeline_last_stage() -> bool:
-    from megatron.core import parallel_state as ps
-
+    ps, _ = _megatron()
     return ps.is_pipeline_last_stage()
 
 
 def destroy(destroy_process_group: bool = False) -> None:
     """Tear down megatron's groups (and torch.distributed when asked)."""
-    from megatron.core import parallel_state as ps
-
+    ps, _ = _megatron()
     ps.destroy_model_parallel()
     if destroy_process_group and dist.is_initialized():
         dist.destroy_process_group()

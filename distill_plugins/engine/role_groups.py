@@ -54,7 +54,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
-from distill_plugins.engine.process_groups import _init_torch_distributed
+from distill_plugins.engine.process_groups import init_torch_distributed
 from distill_plugins.engine.teacher_ranks import TEACHER, RoleLayout, SeparateLayout
 from distill_plugins.errors import DistillError
 from distill_plugins.parallel import ParallelContext
@@ -142,7 +142,7 @@ def initialize_roles(recipe: Recipe, *, cpu: bool = False, timeout_minutes: int 
     if ps.model_parallel_is_initialized():
         raise DistillError("megatron parallel_state is already initialised; call "
                            "distill_plugins.engine.process_groups.destroy() first")
-    _init_torch_distributed(cpu, timeout_minutes)
+    init_torch_distributed(cpu, timeout_minutes)
     layout = SeparateLayout.from_recipe(recipe, dist.get_world_size())
     rank = dist.get_rank()
     timeout = datetime.timedelta(minutes=timeout_minutes)

@@ -45,12 +45,17 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from distill_plugins.data.tokenizer import load_tokenizer
 from distill_plugins.errors import DistillError
 from distill_plugins.logging import get_logger
+from distill_plugins.models.build import build_gpt_model, full_param_name, model_layout
+from distill_plugins.models.checkpoint_meta import read_checkpoint_meta
 from distill_plugins.models.hf_config import HFArchitecture
 from distill_plugins.models.hf_mapping import hf_tensor_shapes, partition_dim, tensor_pieces
+from distill_plugins.models.megatron_ckpt import load_megatron_checkpoint
+from distill_plugins.recipe.schema import ParallelSpec
 
 __all__ = ["TOKENIZER_FILES", "gather_full_tensor", "megatron_to_hf", "export_hf", "export_megatron_checkpoint",
            "special_token_ids"]
@@ -218,14 +223,9 @@ def megatron_to_hf(full: dict[str, torch.Tensor], arch: HFArchitecture, *, dtype
 
 
 def _groups(model_layout):
-    """(tp_group, dp_rank) from megatron's parallel_state, or (None, 0) without it."""
-    try:
-        from megatron.core import parallel_state as ps
-
-        if ps.model_parallel_is_initialized():
-            return ps.get_tensor_model_parallel_group(), ps.get_data_parallel_rank()
-    except ImportError:
-        pass
+    """(tp_group, dp_rank) from megatron's parallel_state, or (None, 0) when it is not initialised."""
+    if ps.model_parallel_is_initialized():
+        return ps.get_tensor_model_parallel_group(), ps.get_data_parallel_rank()
     if model_layout.tp_size > 1:
         raise DistillError("export_hf: TP > 1 needs megatron's parallel_state to be initialised")
     return None, 0
@@ -250,9 +250,8 @@ def export_hf(model: torch.nn.Module, out_dir: str, *, arch: Optional[HFArchitec
     Returns:
         ``out_dir``.
     """
+    # optional extra (hf): safetensors is needed only to write the files
     from safetensors.torch import save_file
-
-    from distill_plugins.models.build import full_param_name, model_layout
 
     inner = model
     while not hasattr(inner, "distill_layout") and hasattr(inner, "module"):
@@ -303,6 +302,7 @@ def export_hf(model: torch.nn.Module, out_dir: str, *, arch: Optional[HFArchitec
 
 def _write_metadata(out_dir: str, arch: HFArchitecture, pp: int, dtype: str, tokenizer_dir: Optional[str],
                     token_ids: dict[str, Optional[int]]) -> None:
+    # optional extra (hf): safetensors is needed only to read the shard headers back
     from safetensors import safe_open
 
     if pp > 1:
@@ -351,13 +351,6 @@ def export_megatron_checkpoint(checkpoint: str, out_dir: str, *, family: Optiona
     resharded on load), builds the model from the checkpoint's
     ``distill_model.json``, loads it and calls :func:`export_hf`.
     """
-    from megatron.core import parallel_state as ps
-
-    from distill_plugins.recipe.schema import ParallelSpec
-    from distill_plugins.models.checkpoint_meta import read_checkpoint_meta
-    from distill_plugins.models.megatron_ckpt import load_megatron_checkpoint
-    from distill_plugins.models.build import build_gpt_model
-
     meta = read_checkpoint_meta(checkpoint)
     spec = meta.spec
     parallel = ParallelSpec(tensor=ps.get_tensor_model_parallel_world_size(),

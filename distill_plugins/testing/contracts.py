@@ -49,8 +49,12 @@ from typing import Any, Optional
 
 import torch
 
-from distill_plugins.interfaces import Objective
-from distill_plugins.objectives.fused import fused_output_layer_loss, replicated_input
+from distill_plugins.errors import InputError
+from distill_plugins.interfaces import (AlignerInputs, AlignerOutput, Objective, Selection, StepStats, TemperaturePolicy,
+                                        TokenContext, TokenSelector, VocabAligner)
+from distill_plugins.manager import build_plugin_host
+from distill_plugins.objectives.fused import TOKEN_STATS, fused_output_layer_loss, replicated_input
+from distill_plugins.testing.distributed import run_distributed
 
 __all__ = ["check_aligner_contract", "check_fused_contract", "check_nonfinite_contract", "check_objective_contract",
            "check_selector_contract", "check_temperature_contract"]
@@ -172,8 +176,6 @@ def _check_fused_case(objective: Objective, case: dict, atol: float, distributed
     if not distributed:
         return
     if tp_results is None:
-        from distill_plugins.testing.distributed import run_distributed
-
         s = case["hs"] @ case["ws"].t()
         t = case["ht"] @ case["wt"].t()
         tau = torch.ones(s.shape[0])
@@ -254,8 +256,6 @@ def check_objective_contract(cls_or_instance: Any, *, distributed: bool = True, 
         _check_fused_case(objective, fused_case, atol, distributed=False)
 
     if distributed:
-        from distill_plugins.testing.distributed import run_distributed
-
         results = run_distributed(_tp_worker, 2, args=(type(objective), objective.config, s, t, tau, vocab_size,
                                                        fused_case))
         for rank, res in enumerate(results):
@@ -294,8 +294,6 @@ def _poison(s: torch.Tensor, t: torch.Tensor, side: str, fill: str, row: int, co
 def _nonfinite_tp_worker(rank: int, world_size: int, items: list, s: torch.Tensor, t: torch.Tensor,
                          vocab_size: int, row: int, col: int):
     """For each ``(cls, config)``: every raising case with the bad value in rank 1's shard only -> messages per rank."""
-    from distill_plugins.errors import InputError
-
     group = torch.distributed.group.WORLD
     v_local = s.shape[1] // world_size
     cols = slice(rank * v_local, (rank + 1) * v_local)
@@ -342,8 +340,6 @@ def check_nonfinite_contract(cls_or_instance: Any, *, distributed: bool = True, 
     Raises:
         AssertionError: naming the case that broke the contract.
     """
-    from distill_plugins.errors import InputError
-
     objective = _build(cls_or_instance, params)
     if padded_vocab % 2 or not padded_vocab // 2 < vocab_size <= padded_vocab or n_rows < 3:
         raise ValueError("need padded_vocab even, padded_vocab/2 < vocab_size <= padded_vocab and n_rows >= 3")
@@ -383,8 +379,6 @@ def check_nonfinite_contract(cls_or_instance: Any, *, distributed: bool = True, 
             assert bool(torch.isfinite(x.grad[keep]).all()), f"{label}: {name} gave a non-finite gradient"
 
     if distributed:
-        from distill_plugins.testing.distributed import run_distributed
-
         results = run_distributed(_nonfinite_tp_worker, 2, timeout=300,
                                   args=([(type(objective), objective.config)], s, t, vocab_size, row, col))
         for rank, per_rank in enumerate(results):
@@ -444,8 +438,6 @@ def _token_problem(n_rows: int, padded_vocab: int, seed: int) -> dict:
 
 def _token_context(problem: dict, *, vocab_size: int, step: int, total_steps: int, group: Any = None,
                    cols: Optional[slice] = None, rows: Optional[torch.Tensor] = None, padding: Optional[float] = None):
-    from distill_plugins.interfaces import TokenContext
-
     def take(x):
         x = x if rows is None else x[rows]
         x = x if cols is None else x[:, cols]
@@ -463,8 +455,6 @@ def _token_context(problem: dict, *, vocab_size: int, step: int, total_steps: in
 
 
 def _check_fused_stats(part: Any, label: str) -> None:
-    from distill_plugins.objectives.fused import TOKEN_STATS
-
     names = part.fused_token_stats()
     assert names is None or (isinstance(names, tuple) and all(n in TOKEN_STATS for n in names)), (
         f"{label}.fused_token_stats() returned {names!r}; expected None or a tuple of names from {TOKEN_STATS}")
@@ -475,8 +465,6 @@ def _check_state(part: Any, label: str, run: Any, ctx_of: Any) -> None:
 
     ``ctx_of(step, data_seed)`` builds a context of optimizer step ``step`` on data ``data_seed``.
     """
-    from distill_plugins.interfaces import StepStats
-
     total = len(_STEP_LOSSES) + 2
 
     def stats(k: int) -> StepStats:
@@ -523,8 +511,6 @@ def _equal(a: Any, b: Any) -> bool:
 
 
 def _select(selector: Any, ctx: Any) -> tuple:
-    from distill_plugins.interfaces import Selection
-
     sel = selector.select(ctx)
     assert isinstance(sel, Selection), f"select() returned {type(sel).__name__}, not distill_plugins.Selection"
     return (sel.keep, sel.normalize_by, sel.scores)
@@ -590,8 +576,6 @@ def check_selector_contract(cls_or_instance: Any, *, distributed: bool = True, n
     Raises:
         AssertionError: naming the broken promise.
     """
-    from distill_plugins.interfaces import TokenSelector
-
     selector = _build_part(cls_or_instance, TokenSelector, params)
     label = f"selector {selector.name or type(selector).__name__}"
     if padded_vocab % 2 or not 0 < vocab_size <= padded_vocab:
@@ -617,8 +601,6 @@ def check_selector_contract(cls_or_instance: Any, *, distributed: bool = True, n
                                                    step=step, total_steps=len(_STEP_LOSSES) + 2))
 
     if distributed:
-        from distill_plugins.testing.distributed import run_distributed
-
         results = run_distributed(_selector_tp_worker, 2, args=(type(selector), selector.config, selector.name,
                                                                 problem, vocab_size, 3, 10))
         for rank, res in enumerate(results):
@@ -633,8 +615,6 @@ def check_selector_contract(cls_or_instance: Any, *, distributed: bool = True, n
 
 
 def _temperatures(policy: Any, ctx: Any, selection: Any = None) -> Any:
-    from distill_plugins.interfaces import Selection
-
     if selection is None:
         n = ctx.student_logits.shape[0]
         gen = torch.Generator().manual_seed(n)
@@ -689,8 +669,6 @@ def check_temperature_contract(cls_or_instance: Any, *, distributed: bool = True
     Raises:
         AssertionError: naming the broken promise.
     """
-    from distill_plugins.interfaces import TemperaturePolicy
-
     policy = _build_part(cls_or_instance, TemperaturePolicy, params)
     label = f"temperature policy {policy.name or type(policy).__name__}"
     if padded_vocab % 2 or not 0 < vocab_size <= padded_vocab:
@@ -715,8 +693,6 @@ def check_temperature_contract(cls_or_instance: Any, *, distributed: bool = True
                  lambda step, data: _token_context(_token_problem(n_rows, padded_vocab, 1000 * data + step), vocab_size=vocab_size,
                                                    step=step, total_steps=len(_STEP_LOSSES) + 2))
     if distributed:
-        from distill_plugins.testing.distributed import run_distributed
-
         results = run_distributed(_temperature_tp_worker, 2, args=(type(policy), policy.config, policy.name,
                                                                    problem, vocab_size, 3, 10))
         for rank, res in enumerate(results):
@@ -753,8 +729,6 @@ def _aligner_problem(seed: int, *, n_student: int, n_teacher: int, padded: tuple
 def _make_aligner(cls: type, config: Any, name: str, setup: dict, plugins: tuple, problem: dict, group: Any,
                   rank: int, world: int, seed: int, poison: bool = False) -> Any:
     """Build, set up (objective through a plugin host) and, for hidden-state aligners, ``build_modules``."""
-    from distill_plugins.manager import build_plugin_host
-
     aligner = cls(config)
     aligner.name = name
     objective = None
@@ -786,8 +760,6 @@ def _vocab_rows(w: torch.Tensor, group: Any, rank: int, world: int, vocab_size: 
 def _aligner_run(aligner: Any, problem: dict, *, group: Any = None, rank: int = 0, world: int = 1,
                  labels: Optional[torch.Tensor] = None, pairs: Any = "all", poison: bool = False) -> dict:
     """One ``loss()`` and backward on this rank's shard; what the contract compares."""
-    from distill_plugins.interfaces import AlignerInputs, AlignerOutput
-
     vs, vt = problem["vocab"]
 
     def shard(z: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -877,8 +849,6 @@ def check_aligner_contract(cls_or_instance: Any, *, setup: Optional[dict] = None
     Raises:
         AssertionError: naming the broken promise.
     """
-    from distill_plugins.interfaces import VocabAligner
-
     aligner = _build_part(cls_or_instance, VocabAligner, params)
     cls, config, name = type(aligner), aligner.config, aligner.name or type(aligner).__name__
     label = f"aligner {name}"
@@ -958,8 +928,6 @@ def check_aligner_contract(cls_or_instance: Any, *, setup: Optional[dict] = None
         f"{label}: no valid label must give loss_sum 0 and num_tokens 0, got {none['loss']}, {none['num_tokens']}")
 
     if distributed:
-        from distill_plugins.testing.distributed import run_distributed
-
         results = run_distributed(_aligner_tp_worker, 2, args=(cls, config, name, setup, tuple(plugins), problem,
                                                                seed))
         for rank, res in enumerate(results):

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from distill_plugins.interfaces import TokenContext
+from distill_plugins.manager import NO_ENTRY_POINTS_ENV, build_plugin_host
 
 
 @pytest.fixture
@@ -34,8 +35,6 @@ def distill_plugin_host(monkeypatch):
     ``DISTILL_PLUGINS_NO_ENTRY_POINTS`` is set for the test, so installed plugins
     cannot change what the test sees. Each call builds a new host.
     """
-    from distill_plugins.manager import NO_ENTRY_POINTS_ENV, build_plugin_host
-
     monkeypatch.setenv(NO_ENTRY_POINTS_ENV, "1")
 
     def make(*modules: str):
