@@ -130,7 +130,8 @@ def bench_worker(rank: int, tp: int, cfg: dict) -> dict:
     warnings.filterwarnings("ignore")
     from distill_plugins import build_objective
     from distill_plugins.engine.loss import LossParts, distill_loss
-    from distill_plugins.objectives.fused import default_chunk_rows, fused_distill_loss, replicated_input
+    from distill_plugins.engine.fused_loss import fused_distill_loss
+    from distill_plugins.objectives.fused import default_chunk_rows, replicated_input
 
     torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"] if cfg["device"] == "cpu" else f"cuda:{rank}")

@@ -28,6 +28,13 @@ docs/planner.md; the ones used here are:
 * loss logits on the last stage: fp32 ``[s b, Vp / TP]`` for the student and the
   teacher plus a workspace of two student-sized fp32 buffers (the objective's
   probabilities); the DSKD aligner adds one student- and one teacher-sized buffer.
+  With the fused output layer (``loss.fused_output_layer`` true, or auto with one
+  tokenizer and a co-located teacher) instead: five fp32 ``[R, Vp / TP]`` chunk
+  buffers (``R = max(256, 2**25 / (Vp / TP))`` rows, at most ``s b``), the fp32
+  ``dL/dW`` accumulator ``[Vp / TP, h_s]`` and the rows of hidden states
+  ``s b (2 h_s + h_t [+ h_r]) w`` (the student's copy and gradient, the teacher's
+  and the reference's copies).
+
 
 It is an estimate: CUDA context, NCCL buffers, allocator fragmentation and
 transient all-gathers are not counted; keep a margin of a few GiB.
@@ -57,6 +64,9 @@ WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 TP_CHOICES = (1, 2, 4, 8)
 #: fp32 student-sized [s*b, Vp/TP] buffers the loss keeps besides the two logits tensors
 LOSS_WORKSPACE_BUFFERS = 2
+#: fused output layer (distill_plugins.objectives.fused): logits per chunk at the default chunk size, the
+#: smallest default chunk (rows) and the fp32 [rows, Vp/TP] buffers one chunk holds at a time
+FUSED_CHUNK_LOGITS, FUSED_MIN_CHUNK_ROWS, FUSED_CHUNK_BUFFERS = 1 << 25, 256, 5
 SBATCH_SCRIPT = "launch/slurm/distill.sbatch"
 
 
@@ -286,6 +296,9 @@ def estimate_memory(recipe: Recipe, student: ModelShape, teacher: ModelShape, la
                             f"microbatch(es) in flight"))
 
     tokens = s * b
+    if fused_output_layer_planned(recipe):
+        lines.append(_fused_loss_line(recipe, student, teacher, reference, tokens, vs // tp, w, stage_ids, pp))
+        return MemoryEstimate(stages=stage_names, lines=tuple(lines))
     student_buffers = 1 + LOSS_WORKSPACE_BUFFERS
     teacher_buffers = 1 if has_teacher else 0
     if recipe.aligner.name == "dskd" and has_teacher:
@@ -296,6 +309,45 @@ def estimate_memory(recipe: Recipe, student: ModelShape, teacher: ModelShape, la
                             f"[{tokens} tokens, V/TP] fp32 x ({student_buffers} student-sized (Vp={vs}) + "
                             f"{teacher_buffers} teacher-sized (Vp={vt}))"))
     return MemoryEstimate(stages=stage_names, lines=tuple(lines))
+
+
+def fused_output_layer_planned(recipe: Recipe) -> bool:
+    """Whether the run's last stage uses the fused output layer, as far as the recipe alone tells.
+
+    ``loss.fused_output_layer``: ``false`` -> no; ``true`` -> yes (``distill check`` refuses parts that
+    cannot); ``auto`` -> yes unless a cross-tokenizer aligner is named or the teacher runs on its own
+    ranks (the engine's rule, :func:`distill_plugins.objectives.fused.decide_fused_output_layer`; the
+    parts' own support is checked by ``distill check``, which the planner does not load).
+    """
+    setting = recipe.loss.fused_output_layer
+    if setting is False:
+        return False
+    if setting is True or recipe.loss.kd_weight == 0:
+        return True
+    return recipe.aligner.name in ("identity", "auto") and recipe.teacher_parallel is None and not (
+        recipe.aligner.name == "auto" and recipe.data.teacher_tokenizer
+        and recipe.data.teacher_tokenizer != recipe.data.tokenizer)
+
+
+def _fused_loss_line(recipe: Recipe, student: ModelShape, teacher: ModelShape, reference: Optional[ModelShape],
+                     tokens: int, v_local: int, w: int, stage_ids: Sequence[int], pp: int) -> MemoryLine:
+    """The fused output layer's last-stage loss memory (docs/planner.md, "loss logits")."""
+    rows = min(tokens, max(FUSED_MIN_CHUNK_ROWS, FUSED_CHUNK_LOGITS // max(1, v_local)))
+    chunks = FUSED_CHUNK_BUFFERS * rows * v_local * 4
+    grad_w = 4 * v_local * student.hidden_size
+    hidden = student.hidden_size * 2 + (teacher.hidden_size if recipe.loss.kd_weight > 0 else 0)
+    if reference is not None and recipe.loss.kd_weight > 0:
+        hidden += reference.hidden_size
+    rows_bytes = tokens * w * hidden
+    total = chunks + grad_w + rows_bytes
+    return MemoryLine("loss logits", tuple(total if st == pp - 1 else 0 for st in stage_ids),
+                      f"fused output layer: {FUSED_CHUNK_BUFFERS} x [{rows} rows, V/TP={v_local}] fp32 chunk buffers "
+                      f"+ dL/dW [V/TP, {student.hidden_size}] fp32 + [{tokens} tokens, {hidden}] hidden rows "
+                      f"x {w} B (loss.fused_output_layer: {_yaml(recipe.loss.fused_output_layer)})")
+
+
+def _yaml(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _count(values: Iterable[int]) -> str:

@@ -60,9 +60,7 @@ PENDING_FUNCTION_IMPORTS: frozenset[str] = frozenset({
     "distill_plugins/demo/report.py",
     # engine
     "distill_plugins/engine/cpu.py",
-    "distill_plugins/engine/loss.py",
     "distill_plugins/engine/process_groups.py",
-    "distill_plugins/engine/stage.py",
     # core, recipe, testing
     "distill_plugins/logging.py",
     "distill_plugins/recipe/load.py",

@@ -2,7 +2,7 @@
 
 Materialised reference: logits ``h W^T`` (the hidden states through megatron's
 copy-to-TP region) fed to :func:`distill_plugins.engine.loss.distill_loss`, the
-engine's loss glue. Fused: :func:`fused_distill_loss` on the hidden states and
+engine's loss glue. Fused: :func:`distill_plugins.engine.fused_loss.fused_distill_loss` on the hidden states and
 weight shards. Compared: the loss, the report, and the gradients with respect to
 the student's hidden states and output-layer weight, within 1e-5 relative in fp32,
 for every built-in objective, with padded vocabularies, ignored rows and a chunk
@@ -19,13 +19,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import distill_plugins
+from distill_plugins.engine.fused_loss import fused_distill_loss
 from distill_plugins.engine.loss import LossParts, distill_loss
 from distill_plugins.errors import DistillError, InputError
 from distill_plugins.interfaces import Objective, PartConfig, Selection, TemperaturePolicy, TokenSelector
 from distill_plugins.objectives.fused import (
     TOKEN_STATS,
     default_chunk_rows,
-    fused_distill_loss,
     fused_output_layer_loss,
     fused_support,
     objective_supports_fused,

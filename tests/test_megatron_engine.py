@@ -7,7 +7,7 @@ this module).
 
 Faults are injected through public seams only: the teacher is sharpened by
 editing its (frozen) weights after the engine is built, NaN logits come from a
-torch forward hook on one rank's student output layer, and the NaN-guard runs go
+torch forward pre-hook on one rank's student output layer (its input), and the NaN-guard runs go
 through the engine's own loop (``Engine.train``) with a callback that records
 the steps.
 """
@@ -55,12 +55,12 @@ def _sharpen_teacher(model):
 
 
 def _poison_logits(eng, when, scale=float("nan")):
-    """A forward hook on this rank's student output layer: logits x ``scale`` while ``when(step)`` holds."""
-    def hook(module, args, output):
-        logits, bias = output
-        return (logits * scale, bias) if when(eng.trainer.step) else output
+    """A forward pre-hook on this rank's student output layer: its input (so the logits) x ``scale`` while
+    ``when(step)`` holds. On the input, so it also reaches the fused output layer, which forms no logits."""
+    def hook(module, args):
+        return (args[0] * scale,) + tuple(args[1:]) if when(eng.trainer.step) else None
 
-    return eng.trainer.stage.student.output_layer.register_forward_hook(hook)
+    return eng.trainer.stage.student.output_layer.register_forward_pre_hook(hook)
 
 
 def _record_steps(eng) -> list:

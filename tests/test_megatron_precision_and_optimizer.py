@@ -25,8 +25,9 @@ from distill_plugins.testing.distributed import run_distributed
 VOCAB, SEQ, STEPS = 200, 16, 4
 
 
-def _recipe(precision: str, out: str, *, tp: int = 2, distributed_optimizer: bool = False, resume: str = "none"):
-    from distill_plugins.recipe.schema import (CheckpointSpec, DataSpec, ModelSpec, ParallelSpec, Recipe,
+def _recipe(precision: str, out: str, *, tp: int = 2, distributed_optimizer: bool = False, resume: str = "none",
+            fused="auto"):
+    from distill_plugins.recipe.schema import (CheckpointSpec, DataSpec, LossSpec, ModelSpec, ParallelSpec, Recipe,
                                                TrainingSpec)
 
     model = dict(arch="llama", num_layers=2, num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=SEQ)
@@ -36,7 +37,8 @@ def _recipe(precision: str, out: str, *, tp: int = 2, distributed_optimizer: boo
         data=DataSpec(kind="synthetic", seq_length=SEQ),
         training=TrainingSpec(steps=STEPS, micro_batch_size=2, global_batch_size=4, lr=3e-3, warmup_steps=0,
                               lr_decay="constant", precision=precision, initial_loss_scale=64.0),
-        checkpoint=CheckpointSpec(resume=resume), device="cpu", seed=3, output_dir=out)
+        checkpoint=CheckpointSpec(resume=resume), loss=LossSpec(fused_output_layer=fused), device="cpu", seed=3,
+        output_dir=out)
 
 
 def _sharpen(model):
@@ -64,7 +66,8 @@ def _engine(precision: str, out: str, **kw):
 
 
 def _run(precision: str, out: str, hook=None) -> dict:
-    eng = _engine(precision, out)
+    # the hook scales the logits, so that run keeps them (the fused output layer forms none)
+    eng = _engine(precision, out, **({"fused": False} if hook is not None else {}))
     if hook is not None:  # a torch forward hook on the student's output layer (logits, bias)
         eng.trainer.stage.student.output_layer.register_forward_hook(
             lambda module, args, output: (hook(eng.trainer.step, output[0]), output[1]))

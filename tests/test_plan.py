@@ -23,6 +23,8 @@ CLUSTER = ROOT / "recipes/cluster"
 QWEN_CSD = CLUSTER / "qwen2.5-7b-to-qwen2.5-1.5b_csd_tp1pp1-2x8.yaml"
 LLAMA_ADAKD = CLUSTER / "llama-3.1-8b-to-llama-3.2-1b_fkl-adakd_tp1pp1-2x8.yaml"
 LLAMA_PRETRAIN = CLUSTER / "llama-3.1-8b-to-llama-3.2-1b_fkl-pretrain_tp1pp1-4x8.yaml"
+#: the figures below are the materialised loss logits; the fused output layer's are in tests/test_fused_engine.py
+MATERIALISED = "loss.fused_output_layer=false"
 
 
 @pytest.fixture(autouse=True)
@@ -82,7 +84,7 @@ def test_memory_qwen_csd_tp1_pp1_dp16():
     Logits: 4096 tokens x 4 B x (3 student-sized + 1 teacher-sized) x 151680 = 9,940,500,480
     Total 41,573,111,936 B = 38.72 GiB.
     """
-    report = plan_recipe(QWEN_CSD, nodes=2, gpus_per_node=8)
+    report = plan_recipe(QWEN_CSD, nodes=2, gpus_per_node=8, overrides=[MATERIALISED])
     mem = report.memory
     assert mem.stages == ("all layers",)
     expected = {
@@ -106,7 +108,7 @@ def test_memory_qwen_csd_tp1_pp1_dp16():
 
 def test_ce_only_recipe_has_no_teacher_memory():
     """With loss.kd_weight 0 the engine builds no teacher: no teacher weights, only student-sized logits."""
-    report = plan_recipe(QWEN_CSD, nodes=2, gpus_per_node=8, overrides=["loss.kd_weight=0", "loss.ce_weight=1"])
+    report = plan_recipe(QWEN_CSD, nodes=2, gpus_per_node=8, overrides=["loss.kd_weight=0", "loss.ce_weight=1", MATERIALISED])
     lines = {line.name: line.bytes[0] for line in report.memory.lines}
     assert "teacher weights" not in lines
     assert lines["loss logits"] == 4096 * 4 * 3 * 151680  # the student's logits and the loss workspace only
@@ -130,7 +132,8 @@ def test_memory_llama_tp2_pp2_sequence_parallel():
     Logits (last stage): 4096 x 4 B x 4 x 128256/2 = 4,202,692,608.
     """
     report = plan_recipe(LLAMA_ADAKD, nodes=2, gpus_per_node=8,
-                         overrides=["parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true"])
+                         overrides=["parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true",
+                                    MATERIALISED])
     mem = report.memory
     assert mem.stages == ("first stage", "last stage")
     expected = {
@@ -167,13 +170,14 @@ def test_refuses_layers_and_batch_that_do_not_divide():
 
 
 def test_suggests_a_layout_when_over_memory(capsys):
-    code = main(["plan", str(LLAMA_PRETRAIN), "--nodes", "4", "--gpus-per-node", "8", "--gpu-memory-gb", "40"])
+    code = main(["plan", str(LLAMA_PRETRAIN), "--nodes", "4", "--gpus-per-node", "8", "--gpu-memory-gb", "40", MATERIALISED])
     out = capsys.readouterr().out
     assert code == 2
     assert "WARNING: peak 46.45 GiB exceeds the 40 GiB of one GPU" in out
     assert "suggested layout: TP=2 PP=1 DP=16" in out
-    assert ("launch/slurm/distill.sbatch " + str(LLAMA_PRETRAIN) + " parallel.tensor=2 parallel.pipeline=1") in out
-    report = plan_recipe(LLAMA_PRETRAIN, nodes=4, gpus_per_node=8, gpu_memory_gb=40)
+    assert ("launch/slurm/distill.sbatch " + str(LLAMA_PRETRAIN) + f" {MATERIALISED} parallel.tensor=2 "
+            "parallel.pipeline=1") in out
+    report = plan_recipe(LLAMA_PRETRAIN, nodes=4, gpus_per_node=8, gpu_memory_gb=40, overrides=[MATERIALISED])
     layout, memory = report.suggestion
     assert memory.peak <= 40 * GIB and layout.tensor * layout.pipeline * layout.data == 32
     hopeless = plan_recipe(LLAMA_PRETRAIN, nodes=4, gpus_per_node=8, gpu_memory_gb=1)

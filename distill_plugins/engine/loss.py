@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from distill_plugins.errors import DistillError
 from distill_plugins.interfaces import (IGNORE_INDEX, Objective, Selection, TemperaturePolicy, TokenContext,
@@ -122,8 +123,6 @@ def cross_entropy_sum(student_logits: torch.Tensor, labels: torch.Tensor, *, tp_
         x = x.clone()  # never let megatron overwrite the caller's logits
     if tp_group is None:
         return torch.nn.functional.cross_entropy(x, labels, reduction="sum")
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
     # megatron expects [s, b, V_local] / [s, b]; a [N, 1] batch is the same thing.
     per_token = vocab_parallel_cross_entropy(x.unsqueeze(1), labels.unsqueeze(1))
     return per_token.sum()

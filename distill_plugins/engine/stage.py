@@ -26,6 +26,21 @@ hidden dimension: ``[s, b, h_student + h_teacher]``.
   P2P tensor (``[s, b, h_s + h_t + h_r]``).
 * The last stage returns a :class:`StageOutput` (student and teacher logits,
   and when asked for: both output layers' inputs, the reference's logits).
+* Fused output layer (``loss.fused_output_layer``, :meth:`DistillStage.fuse_output_layers`):
+  on the last stage no model's output layer computes logits. Each model's
+  ``output_layer.forward`` is replaced by a tap that, while the stage runs,
+  keeps its input (the final hidden states ``[s, b, h]``, after the final norm;
+  this rank's sequence shard ``[s/TP, b, h]`` with sequence parallelism, which
+  the loss all-gathers) and the weight megatron would have multiplied them by
+  (``[V_local, h]``: ``output_layer.weight``, or the shared embedding weight that
+  ``GPTModel`` passes with tied embeddings on a single stage, a padded vocabulary
+  included), and returns an empty ``[s, b, 0]`` tensor instead of the logits.
+  The :class:`StageOutput` then carries hidden states and weights (no logits)
+  for :func:`distill_plugins.engine.fused_loss.fused_distill_loss`, whose
+  gradients flow into the student's hidden states (and on into the decoder)
+  and into the output-layer (or shared embedding) weight, as the output
+  layer's own backward would. Outside the stage's forward (generation,
+  export) the taps call the original ``forward``.
 * Hidden states for aligners that project them (DSKD):
   :meth:`DistillStage.capture_hidden_states` makes the last stage also return
   both output layers' inputs ``[s, b, h]`` (after the final norm), taken by a
@@ -57,6 +72,9 @@ from functools import partial
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import MegatronModule
 
 from distill_plugins.errors import RecipeError
 
@@ -67,23 +85,48 @@ __all__ = ["DistillStage", "StageOutput", "pipeline_tensor_shapes", "forward_bac
 class StageOutput(NamedTuple):
     """What the last pipeline stage hands the loss function.
 
-    Logits are ``[b, s, V_local]`` (vocab-parallel); hidden states ``[s, b, h]``.
+    Logits are ``[b, s, V_local]`` (vocab-parallel); hidden states ``[s, b, h]``
+    (``[s/TP, b, h]`` with sequence parallelism on the fused path). On the fused
+    output layer the logits are None and the hidden states and the output-layer
+    weight shards ``[V_local, h]`` are set (the reference's too, when there is one).
     """
 
-    student_logits: torch.Tensor
+    student_logits: Optional[torch.Tensor]
     teacher_logits: Optional[torch.Tensor]
     student_hidden: Optional[torch.Tensor] = None
     teacher_hidden: Optional[torch.Tensor] = None
     reference_logits: Optional[torch.Tensor] = None
+    student_weight: Optional[torch.Tensor] = None
+    teacher_weight: Optional[torch.Tensor] = None
+    reference_hidden: Optional[torch.Tensor] = None
+    reference_weight: Optional[torch.Tensor] = None
+
+    @property
+    def fused(self) -> bool:
+        """The output layers ran as taps: hidden states and weights, no logits."""
+        return self.student_logits is None and self.student_weight is not None
 
 
-def _megatron_module():
-    from megatron.core.transformer.module import MegatronModule
+class _OutputLayerTap:
+    """Stands in for a last-stage ``output_layer.forward`` on the fused path (module docstring).
 
-    return MegatronModule
+    While ``stage._taps`` is a dict it records ``(input, weight)`` under ``who`` and
+    returns an empty ``[s, b, 0]`` tensor; otherwise it calls the original ``forward``.
+    """
+
+    def __init__(self, stage: "DistillStage", who: str, layer: torch.nn.Module):
+        self.stage, self.who, self.layer, self.original = stage, who, layer, layer.forward
+
+    def __call__(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                 runtime_gather_output: Optional[bool] = None):
+        taps = self.stage._taps
+        if taps is None:
+            return self.original(input_, weight=weight, runtime_gather_output=runtime_gather_output)
+        taps[self.who] = (input_, weight if weight is not None else self.layer.weight)
+        return input_.new_empty(tuple(input_.shape[:-1]) + (0,)), None
 
 
-class DistillStage(_megatron_module()):  # type: ignore[misc]
+class DistillStage(MegatronModule):
     """One pipeline stage holding the student (trainable) and the teacher (frozen).
 
     Args:
@@ -111,6 +154,11 @@ class DistillStage(_megatron_module()):  # type: ignore[misc]
                 raise RecipeError(f"student and {who} disagree on first/last pipeline stage")
         self.model_type = getattr(student, "model_type", None)
         self._hidden: Optional[dict] = None  # who -> captured output-layer input, when capturing
+        #: the last stage hands hidden states and weights to the loss (fuse_output_layers); setting it False
+        #: for a while makes the output layers compute logits again (e.g. evaluation that reads them)
+        self.fused = False
+        self._tapped = False  # the output layers' forward is a tap (installed once)
+        self._taps: Optional[dict] = None  # who -> (output-layer input, weight) during a fused forward
 
     @property
     def student(self) -> torch.nn.Module:
@@ -143,6 +191,24 @@ class DistillStage(_megatron_module()):  # type: ignore[misc]
             def hook(module, args, who=who):
                 self._hidden[who] = args[0]
             model.output_layer.register_forward_pre_hook(hook)
+
+    def fuse_output_layers(self) -> None:
+        """Stop the output layers of every model on this (last) stage from computing logits.
+
+        Afterwards the stage's forward returns a :class:`StageOutput` with hidden
+        states and output-layer weights and no logits (module docstring, "Fused
+        output layer"). A no-op on other stages; idempotent. ``stage.fused = False``
+        pauses it (the output layers compute logits again) until it is set back to True.
+        """
+        if not self.last_stage:
+            return
+        self.fused = True
+        if self._tapped:
+            return
+        self._tapped = True
+        for who, model in (("student", self.student), ("teacher", self.teacher), ("reference", self.reference)):
+            if model is not None:
+                model.output_layer.forward = _OutputLayerTap(self, who, model.output_layer)
 
     def attach_aligner_modules(self, modules: list) -> None:
         """Register trainable aligner modules (DSKD projectors) on this stage, before DDP wraps it."""
@@ -180,15 +246,24 @@ class DistillStage(_megatron_module()):  # type: ignore[misc]
                 teacher_input_ids: Optional[torch.Tensor] = None):
         """``teacher_input_ids``: the teacher's own tokens when its tokenizer differs (first stage)."""
         t_out = r_out = None
-        with torch.no_grad():
-            if self.teacher is not None:
-                self.teacher.eval()
-                t_ids = input_ids if teacher_input_ids is None else teacher_input_ids
-                t_out = self.teacher(t_ids, position_ids, attention_mask)
-            if self.reference is not None:
-                self.reference.eval()
-                r_out = self.reference(input_ids, position_ids, attention_mask)
-        s_out = self.student(input_ids, position_ids, attention_mask)
+        taps = self._taps = {} if self.fused else None
+        try:
+            with torch.no_grad():
+                if self.teacher is not None:
+                    self.teacher.eval()
+                    t_ids = input_ids if teacher_input_ids is None else teacher_input_ids
+                    t_out = self.teacher(t_ids, position_ids, attention_mask)
+                if self.reference is not None:
+                    self.reference.eval()
+                    r_out = self.reference(input_ids, position_ids, attention_mask)
+            s_out = self.student(input_ids, position_ids, attention_mask)
+        finally:
+            self._taps = None
+        if taps is not None:  # fused output layer (last stage): hidden states and weights, no logits
+            none = (None, None)
+            (h_s, w_s), (h_t, w_t), (h_r, w_r) = (taps.get(k, none) for k in ("student", "teacher", "reference"))
+            return StageOutput(None, None, student_hidden=h_s, teacher_hidden=h_t, student_weight=w_s,
+                               teacher_weight=w_t, reference_hidden=h_r, reference_weight=w_r)
         if self.last_stage:
             hidden, self._hidden = (self._hidden, {}) if self._hidden is not None else ({}, None)
             return StageOutput(s_out, t_out, hidden.get("student"), hidden.get("teacher"), r_out)
@@ -266,8 +341,6 @@ def forward_backward(
     Returns:
         The per-microbatch reports (last pipeline stage; empty elsewhere).
     """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     stage = _stage_of(model)
 
     def forward_step(data_iterator, m):
@@ -276,8 +349,6 @@ def forward_backward(
         teacher_kw = {"teacher_input_ids": batch["teacher_tokens"]} if "teacher_tokens" in batch else {}
         out = m(tokens, batch.get("position_ids", position_ids_for(tokens)), None, **teacher_kw)
         return out, partial(loss_fn, batch)
-
-    from megatron.core import parallel_state as ps
 
     fb = get_forward_backward_func()
     extra = {}

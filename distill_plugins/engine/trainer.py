@@ -80,10 +80,13 @@ from distill_plugins.logging import get_logger
 from distill_plugins.parallel import ParallelContext
 from distill_plugins.recipe.schema import Recipe
 from distill_plugins.models import build as models
+from distill_plugins.aligners.base import resolve_aligner
+from distill_plugins.engine.fused_loss import fused_distill_loss
 from distill_plugins.engine.loss import REPORT_KEYS, LossParts, distill_loss
 from distill_plugins.engine.stage import DistillStage, StageOutput, check_schedule, forward_backward
 from distill_plugins.engine.sequences import SequenceRuntime
 from distill_plugins.models.sources import build_teacher, load_model_weights
+from distill_plugins.objectives.fused import decide_fused_output_layer
 
 __all__ = ["Trainer", "StepResult", "NonFiniteLossError", "num_microbatches", "reduce_reports"]
 
@@ -200,6 +203,15 @@ class Trainer:
                 models.model_layout(teacher).padded_vocab_size != models.model_layout(student).padded_vocab_size:
             raise RecipeError("student and teacher padded vocabularies differ; they need the same vocab_size")
         stage = DistillStage(student, teacher, reference)
+        aligner_name = aligner.name if aligner is not None else resolve_aligner(recipe).aligner.name
+        fused = decide_fused_output_layer(recipe.loss.fused_output_layer, parts, aligner=aligner_name,
+                                          separate_teacher=teacher_provider is not None)
+        if fused.error:  # distill check reports the same; a recipe built in Python reaches this
+            raise RecipeError(fused.error)
+        if fused.notice:
+            log.info(fused.notice)
+        if fused.on:
+            stage.fuse_output_layers()  # the last stage's output layers hand hidden states to the fused loss
         if aligner is not None and teacher is not None:
             aligner.attach(stage, tp_group=ctx.tp_group, seed=recipe.seed)
         ddp_config = DistributedDataParallelConfig(
@@ -248,6 +260,14 @@ class Trainer:
         if self.aligner is not None and self.aligner.computes_loss and output.teacher_logits is not None:
             loss, count, report = self.aligner.loss(batch, output, self.parts, tp_group=self.ctx.tp_group,
                                                     step=self.step, total_steps=self.total_steps)
+            return loss, count.to(torch.int), report
+        if output.fused:  # no logits: the output layers fused with the loss (engine.fused_loss)
+            loss, count, report = fused_distill_loss(
+                output.student_hidden, output.student_weight, output.teacher_hidden, output.teacher_weight,
+                batch["labels"], self.parts, loss_mask=batch.get("loss_mask"),
+                reference_hidden=output.reference_hidden, reference_weight=output.reference_weight,
+                tp_group=self.ctx.tp_group, vocab_size=self.vocab_size, step=self.step,
+                total_steps=self.total_steps, sequence_parallel=self.recipe.parallel.sequence_parallel)
             return loss, count.to(torch.int), report
         loss, count, report = distill_loss(
             output.student_logits, output.teacher_logits, batch["labels"], self.parts,

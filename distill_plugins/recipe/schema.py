@@ -226,6 +226,11 @@ class LossSpec:
                              default=1.0)
     ce_weight: float = _help("weight of the student's cross-entropy on labels (always logged as ce_loss)",
                              default=0.0)
+    fused_output_layer: Union[Literal["auto"], bool] = _help(
+        "output layer fused with the loss, no [tokens, vocab] logits (docs/objectives.md): auto = on when the "
+        "objective, selector and temperature policy support it, one tokenizer and a co-located teacher (else a "
+        "logged notice); true = required (an unsupported part is an error); false = materialised logits",
+        default="auto")
 
     def __post_init__(self):
         if self.kd_weight < 0 or self.ce_weight < 0 or self.kd_weight + self.ce_weight == 0:

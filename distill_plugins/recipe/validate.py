@@ -10,7 +10,9 @@ Checks, in order, all collected into one :class:`RecipeError`:
    compares the two vocabularies);
 4. cross-section structure: heads and query groups divisible by TP, layers of
    both models divisible by PP, CE mixing needs labels, a tokenizer no larger
-   than its model's vocabulary, an existing ``checkpoint.resume`` path, ...;
+   than its model's vocabulary, an existing ``checkpoint.resume`` path,
+   ``loss.fused_output_layer: true`` only with parts that run fused
+   (:func:`fused_output_layer_errors`), ...;
 5. every plugin's ``distill_validate_recipe`` hook, only when the schema and
    every part's parameters passed (so plugins never see unchecked values). It
    receives the recipe as plain data with each part section as
@@ -22,6 +24,7 @@ Checks, in order, all collected into one :class:`RecipeError`:
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 from typing import Any, Optional
 
 from ..aligners.base import resolve_aligner
@@ -31,6 +34,7 @@ from ..data.tokenizer import load_tokenizer
 from ..engine.teacher_ranks import separate_teacher_errors
 from ..errors import DistillError, InputError, RecipeError, RecipeWarning
 from ..logging import get_logger
+from ..objectives.fused import decide_fused_output_layer
 from .load import normalize_part
 from .schema import PART_SECTIONS, ModelSpec, Recipe
 
@@ -254,6 +258,28 @@ def _reference_errors(recipe: Recipe) -> list[str]:
     return []
 
 
+def fused_output_layer_errors(recipe: Recipe, part_configs: dict[str, tuple[type, Any]]) -> list[str]:
+    """``loss.fused_output_layer: true`` with a part or setting the fused path cannot run: one error.
+
+    The rule is :func:`distill_plugins.objectives.fused.decide_fused_output_layer`, the one
+    the engine applies when it builds the run (``auto`` falling back is the engine's
+    logged notice, not an error). The parts are built from their checked configs.
+    """
+    if recipe.loss.fused_output_layer is not True:
+        return []
+    built = {}
+    for section in ("objective", "selector", "temperature"):
+        if section not in part_configs:
+            return []  # that section's own error is already reported
+        cls, config = part_configs[section]
+        built[section] = part = cls(config)
+        part.name = getattr(recipe, section).name
+    parts = SimpleNamespace(kd_weight=recipe.loss.kd_weight, **built)
+    decision = decide_fused_output_layer(True, parts, aligner=recipe.aligner.name,
+                                         separate_teacher=recipe.teacher_parallel is not None)
+    return [decision.error] if decision.error else []
+
+
 def _best_effort_recipe(prepared: dict[str, Any]) -> Recipe:
     """A recipe of the sections that parse on their own (defaults elsewhere), for structure checks.
 
@@ -338,6 +364,7 @@ def validate_recipe_data(data: dict[str, Any], host=None, source: str = "recipe"
         aligner_cls = part_configs["aligner"][0] if "aligner" in part_configs else None
         errors.extend(sequence_errors(checked, part_configs["sequences"][0], aligner_cls))
     errors.extend(_resume_errors(checked))
+    errors.extend(fused_output_layer_errors(checked, part_configs))
     if params_checked:
         errors.extend(host.validate_recipe(_hook_view(checked, part_configs)))
     warnings = [e for e in errors if isinstance(e, RecipeWarning)]
