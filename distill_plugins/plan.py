@@ -35,7 +35,6 @@ docs/planner.md; the ones used here are:
   ``s b (2 h_s + h_t [+ h_r]) w`` (the student's copy and gradient, the teacher's
   and the reference's copies).
 
-
 It is an estimate: CUDA context, NCCL buffers, allocator fragmentation and
 transient all-gathers are not counted; keep a margin of a few GiB.
 
@@ -51,8 +50,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
-from .errors import DistillError, RecipeError
-from .models.resolve import resolve_model, source_kind, source_missing
+from .errors import DistillError
+from .models.resolve import resolve_or_fallback
 from .recipe.schema import ModelSpec, Recipe, padded_vocab_size
 from .shapes import TransformerShape, count_parameters, embedding_params, final_norm_params, layer_params, \
     output_params, shape_keys
@@ -95,29 +94,11 @@ class ModelShape(TransformerShape):
 def resolve_shape(role: str, spec: ModelSpec, warnings: list[str]) -> ModelShape:
     """The shape of ``spec``: from its source's config file when the directory exists, else the recipe's keys.
 
-    Appends ``<role>: model directory X not found; using the shape keys from the
-    recipe`` to ``warnings`` when it falls back, and the source's notes (an HF
-    sliding window) when it does not.
-
-    Raises:
-        RecipeError: the source's config is missing, invalid or refused (the same
-            message as ``distill run``'s), or the recipe gives no vocab_size and there
-            is no config to read it from.
+    The rule, its warnings and its errors (:class:`~distill_plugins.errors.RecipeError`)
+    are :func:`distill_plugins.models.resolve.resolve_or_fallback`'s, shared with ``distill check``.
     """
-    missing = source_missing(spec)
-    if missing is not None:
-        warnings.append(f"{role}: model directory {missing} not found; using the shape keys from the recipe")
-    elif source_kind(spec) is not None:
-        try:
-            model = resolve_model(spec)
-        except DistillError as exc:
-            raise RecipeError(f"{role}.{source_kind(spec)[0]}: {exc}") from exc
-        warnings.extend(f"{role}: {note}" for note in model.notes)
-        return ModelShape(role=role, arch=model.spec.arch, **shape_keys(model.spec), source=model.config_file)
-    if spec.vocab_size is None:
-        raise RecipeError(f"{role}.vocab_size is not set: give it in the recipe (the tokenizer's size) "
-                          f"so the planner can size the embedding and the logits")
-    return ModelShape(role=role, arch=spec.arch, **shape_keys(spec))
+    resolved, source = resolve_or_fallback(role, spec, warnings)
+    return ModelShape(role=role, arch=resolved.arch, **shape_keys(resolved), source=source)
 
 
 # ---------------------------------------------------------------------------

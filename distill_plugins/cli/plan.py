@@ -24,12 +24,11 @@ import argparse
 import os
 from typing import Sequence
 
-from distill_plugins.config import parse_dataclass
 from distill_plugins.errors import RecipeError
 from distill_plugins.plan import PlanReport, plan
 from distill_plugins.plan_separate import plan_separate
-from distill_plugins.recipe.load import load_recipe_data, normalize_part
-from distill_plugins.recipe.schema import PART_SECTIONS, Recipe
+from distill_plugins.recipe.load import load_recipe_data
+from distill_plugins.recipe.schema import Recipe, parse_recipe, split_parts
 
 EXIT_OK, EXIT_REFUSED = 0, 2
 
@@ -94,20 +93,9 @@ def load_for_plan(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Rec
     Raises:
         RecipeError: every schema error, one line each.
     """
-    data = load_recipe_data(path, overrides)
     errors: list[str] = []
-    prepared = dict(data)
-    for section in PART_SECTIONS:
-        if section in prepared:
-            value = normalize_part(prepared[section])
-            if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-                errors.append(f"{section}: expected a registered name or a mapping with a 'name' key, "
-                              f"got {prepared[section]!r}")
-                prepared.pop(section)
-                continue
-            prepared[section] = {"name": value["name"], "params": {k: v for k, v in value.items() if k != "name"}}
-    recipe, schema_errors = parse_dataclass(Recipe, prepared, "recipe")
-    errors.extend(e.removeprefix("recipe: ").removeprefix("recipe.") for e in schema_errors)
+    recipe, schema_errors = parse_recipe(split_parts(load_recipe_data(path, overrides), errors))
+    errors.extend(schema_errors)
     if errors:
         raise RecipeError(errors)
     return recipe

@@ -21,8 +21,9 @@ recipe's. Reads no weights and imports neither torch nor megatron-core, so
 
 :func:`source_missing` tells the planner and ``distill check`` that a source
 directory does not exist on this machine (a cluster recipe checked on a laptop):
-they then fall back to the recipe's shape keys with a warning, while ``distill
-run`` refuses (it needs the weights). Any other problem (no config.json, an
+they then fall back to the recipe's shape keys with a warning
+(:func:`resolve_or_fallback`, their one rule), while ``distill run`` refuses (it
+needs the weights). Any other problem (no config.json, an
 unsupported ``model_type``, no ``distill_model.json``) is an error everywhere.
 
 Usage::
@@ -38,11 +39,13 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from distill_plugins.errors import DistillError, RecipeError
 from distill_plugins.models.checkpoint_meta import META_FILE, read_checkpoint_meta
 from distill_plugins.models.hf_config import default_family, read_hf_config
 from distill_plugins.recipe.schema import ModelSpec
 
-__all__ = ["ResolvedModel", "resolve_model", "resolve_model_spec", "source_kind", "source_missing"]
+__all__ = ["ResolvedModel", "resolve_model", "resolve_model_spec", "resolve_or_fallback", "source_kind",
+           "source_missing"]
 
 
 @dataclass(frozen=True)
@@ -112,3 +115,32 @@ def resolve_model(spec: ModelSpec) -> ResolvedModel:
 def resolve_model_spec(spec: ModelSpec) -> ModelSpec:
     """``spec`` with its shape keys filled from its checkpoint's config file (:func:`resolve_model`)."""
     return resolve_model(spec).spec
+
+
+def resolve_or_fallback(role: str, spec: ModelSpec, warnings: list[str]) -> tuple[ModelSpec, str]:
+    """``spec``'s shape from its source when the directory exists here, else the recipe's keys.
+
+    The rule of the planner and ``distill check``. Returns the spec and where its shape
+    was read: the source's config file, or ``"recipe"``. Appends ``<role>: model
+    directory X not found; using the shape keys from the recipe`` to ``warnings`` when
+    it falls back, and the source's notes (an HF sliding window) when it does not.
+
+    Raises:
+        RecipeError: the source's config is missing, invalid or refused (the same
+            message as ``distill run``'s, prefixed with ``<role>.<kind>``), or the recipe
+            gives no vocab_size and there is no config to read it from.
+    """
+    missing = source_missing(spec)
+    if missing is not None:
+        warnings.append(f"{role}: model directory {missing} not found; using the shape keys from the recipe")
+    elif source_kind(spec) is not None:
+        try:
+            model = resolve_model(spec)
+        except DistillError as exc:
+            raise RecipeError(f"{role}.{source_kind(spec)[0]}: {exc}") from exc
+        warnings.extend(f"{role}: {note}" for note in model.notes)
+        return model.spec, model.config_file
+    if spec.vocab_size is None:
+        raise RecipeError(f"{role}.vocab_size is not set: give it in the recipe (the tokenizer's size) "
+                          f"so the planner can size the embedding and the logits")
+    return spec, "recipe"

@@ -25,7 +25,8 @@ from typing import Any, Iterable, Optional
 import yaml
 
 from ..errors import RecipeError
-from .schema import PART_SECTIONS
+from .schema import PART_SECTIONS, normalize_part
+from .validate import validate_recipe_data
 
 
 class DuplicateKeyError(yaml.YAMLError):
@@ -92,15 +93,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping at the top level, got {type(data).__name__}")
     return data
-
-
-def normalize_part(value: Any) -> Any:
-    """``"csd"`` -> ``{"name": "csd"}``; mappings are copied; other values are left for validation to report."""
-    if isinstance(value, str):
-        return {"name": value}
-    if isinstance(value, dict):
-        return dict(value)
-    return value
 
 
 def deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
@@ -197,7 +189,5 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = (), host=Non
     Raises:
         RecipeError: listing every problem found.
     """
-    from .validate import validate_recipe_data
-
     data = load_recipe_data(path, overrides)
     return validate_recipe_data(data, host=host, source=str(path))

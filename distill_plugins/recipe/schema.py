@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from ..config import parse_dataclass, to_plain
+
 
 def _help(text: str, **kw):
     return field(metadata={"help": text}, **kw)
@@ -289,10 +291,44 @@ PART_SECTIONS: dict[str, str] = {
 }
 
 
+def normalize_part(value: Any) -> Any:
+    """``"csd"`` -> ``{"name": "csd"}``; mappings are copied; other values are left for validation to report."""
+    if isinstance(value, str):
+        return {"name": value}
+    if isinstance(value, dict):
+        return dict(value)
+    return value
+
+
+def split_parts(data: dict[str, Any], errors: list[str]) -> dict[str, Any]:
+    """Recipe data with each part section as ``{name: x, params: {k: v}}`` (the schema's :class:`PartSpec`).
+
+    A section that is neither a name nor a mapping with a ``name`` is dropped, and
+    ``errors`` gets a line saying what was expected.
+    """
+    out = dict(data)
+    for section in PART_SECTIONS:
+        if section not in out:
+            continue
+        value = normalize_part(out[section])
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+            errors.append(f"{section}: expected a registered name or a mapping with a 'name' key, got {out[section]!r}")
+            out.pop(section)
+            continue
+        params = {k: v for k, v in value.items() if k != "name"}
+        out[section] = {"name": value["name"], "params": params}
+    return out
+
+
+def parse_recipe(prepared: dict[str, Any]) -> tuple[Optional[Recipe], list[str]]:
+    """The :class:`Recipe` of data already through :func:`split_parts` (None when it does not parse), and
+    every schema error (unknown keys, types, ranges) as ``section.key: message``."""
+    recipe, errors = parse_dataclass(Recipe, prepared, "recipe")
+    return recipe, [e.removeprefix("recipe: ").removeprefix("recipe.") for e in errors]
+
+
 def recipe_data(recipe: Recipe) -> dict[str, Any]:
     """``recipe`` as recipe-file data (part sections flattened to ``{name: x, <params>}``); loads back unchanged."""
-    from ..config import to_plain
-
     data = to_plain(recipe)
     for section in PART_SECTIONS:
         spec = data[section]

@@ -11,16 +11,19 @@ import dataclasses
 from typing import Iterator
 
 from distill_plugins.errors import DistillError
+from distill_plugins.models.model_info import describe_model
+from distill_plugins.models.resolve import source_missing
 from distill_plugins.recipe.schema import Recipe
 
 
 def _model_line(role: str, spec, recipe: Recipe) -> str:
-    from distill_plugins.models.model_info import describe_model
-
     try:
         return describe_model(spec, recipe.parallel, role=role).summary()
-    except DistillError as exc:  # an absent model directory on this machine: describe the recipe's shape keys
-        inline = dataclasses.replace(spec, hf=None, megatron=None)
+    except DistillError as exc:
+        if source_missing(spec) is None:
+            raise  # a config that exists but is refused: validation reports it first, as distill run would
+        # the model directory is absent on this machine (a cluster recipe checked on a laptop): the recipe's keys
+        inline = dataclasses.replace(spec, hf=None, megatron=None, checkpoint=None)
         return f"{describe_model(inline, recipe.parallel, role=role).summary()} [from the recipe: {exc}]"
 
 

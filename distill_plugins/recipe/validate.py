@@ -34,9 +34,10 @@ from ..data.tokenizer import load_tokenizer
 from ..engine.teacher_ranks import separate_teacher_errors
 from ..errors import DistillError, InputError, RecipeError, RecipeWarning
 from ..logging import get_logger
+from ..manager import build_plugin_host
+from ..models.resolve import resolve_or_fallback
 from ..objectives.fused import decide_fused_output_layer
-from .load import normalize_part
-from .schema import PART_SECTIONS, ModelSpec, Recipe
+from .schema import PART_SECTIONS, ModelSpec, Recipe, parse_recipe, split_parts
 
 log = get_logger(__name__)
 
@@ -44,26 +45,8 @@ log = get_logger(__name__)
 PART_PLACEHOLDERS = {"aligner": {"auto"}}
 
 
-def _split_parts(data: dict[str, Any], errors: list[str]) -> dict[str, Any]:
-    """Turn ``{name: x, k: v}`` part sections into ``{name: x, params: {k: v}}`` for the schema."""
-    out = dict(data)
-    for section in PART_SECTIONS:
-        if section not in out:
-            continue
-        value = normalize_part(out[section])
-        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-            errors.append(f"{section}: expected a registered name or a mapping with a 'name' key, got {out[section]!r}")
-            out.pop(section)
-            continue
-        params = {k: v for k, v in value.items() if k != "name"}
-        out[section] = {"name": value["name"], "params": params}
-    return out
-
-
 def _structure_errors(recipe: Recipe, vocab_out: Optional[dict[str, Optional[int]]] = None) -> list[str]:
     """Cross-section errors; ``vocab_out[role]`` receives each model's vocabulary when it is known here."""
-    from ..plan import resolve_shape
-
     errors: list[str] = []
     tp, pp = recipe.parallel.tensor, recipe.parallel.pipeline
     models: list[tuple[str, Optional[ModelSpec]]] = [("student", recipe.student), ("teacher", recipe.teacher),
@@ -76,12 +59,12 @@ def _structure_errors(recipe: Recipe, vocab_out: Optional[dict[str, Optional[int
             checkpoint = bool(spec.megatron or spec.checkpoint)
             try:
                 # hf: config.json; megatron:/checkpoint: distill_model.json; else (absent here) the recipe's keys
-                spec = resolve_shape(role, spec, warnings)
+                spec, source = resolve_or_fallback(role, spec, warnings)
             except RecipeError as exc:
                 errors.extend(exc.errors)
                 continue
             errors.extend(RecipeWarning(w) for w in warnings)
-            if checkpoint and spec.source == "recipe":
+            if checkpoint and source == "recipe":
                 continue  # checkpoint absent on this machine: the recipe's shape keys do not describe it
         if vocab_out is not None:
             vocab_out[role] = spec.vocab_size
@@ -304,10 +287,8 @@ def _hook_view(recipe: Recipe, part_configs: dict[str, tuple[type, Any]]) -> dic
 
 def validate_recipe_data(data: dict[str, Any], host=None, source: str = "recipe"):
     """Validate merged recipe data. Returns ``(Recipe, PluginHost)``; raises :class:`RecipeError`."""
-    from ..manager import build_plugin_host
-
     errors: list[str] = []
-    prepared = _split_parts(data, errors)
+    prepared = split_parts(data, errors)
     if host is None:
         plugins = prepared.get("plugins", [])
         try:
@@ -315,8 +296,8 @@ def validate_recipe_data(data: dict[str, Any], host=None, source: str = "recipe"
         except DistillError as exc:
             raise RecipeError(errors + [f"plugins: {exc}"]) from exc
 
-    recipe, schema_errors = parse_dataclass(Recipe, prepared, "recipe")
-    errors.extend(e.removeprefix("recipe: ").removeprefix("recipe.") for e in schema_errors)
+    recipe, schema_errors = parse_recipe(prepared)
+    errors.extend(schema_errors)
 
     part_configs = {}
     params_checked = recipe is not None and not errors  # schema (and part names) passed so far
