@@ -18,17 +18,15 @@ processes, forward + backward of:
   megatron's copy-to-TP region), then the engine's loss glue
   :func:`distill_plugins.engine.loss.distill_loss` (objective + student CE, which
   makes its fp32 copy of the logits);
-* ``fused``: :func:`distill_plugins.objectives.fused.fused_distill_loss` on the
-  hidden states and the shards (chunks of ``--chunk-rows`` rows, default
+* ``fused``: :func:`distill_plugins.engine.fused_loss.fused_distill_loss` (the
+  engine's fused output layer) on the hidden states and the shards (chunks of ``--chunk-rows`` rows, default
   :func:`~distill_plugins.objectives.fused.default_chunk_rows`).
 
 Time: median wall time over ``--reps`` repetitions after ``--warmup`` ones, with
 a barrier before and after (the slowest rank's); the two methods alternate
-within each repetition, so a drift in machine load hits both alike. Peak extra memory: on CPU the
-rise of the process's peak resident set (``VmHWM``, reset through
-``/proc/self/clear_refs``, glibc's free lists trimmed first) over the resident
-set before the call; on CUDA ``max_memory_allocated`` over ``memory_allocated``
-before the call; maximum over ranks. Both include the gradients of ``h_S`` and
+within each repetition, so a drift in machine load hits both alike. Peak extra
+memory: :class:`_harness.PeakMemory` (process RSS peak on CPU, the caching
+allocator's on CUDA), maximum over ranks. Both include the gradients of ``h_S`` and
 ``W_S`` every method produces. Accuracy (fp32): the maximum relative difference
 ``max|a - b| / max|b|`` of the loss, ``dL/dh_S`` and ``dL/dW_S`` between the two.
 
@@ -39,80 +37,20 @@ Prints a table and writes JSON to ``benchmarks/results/fused_output_layer.json``
 
 from __future__ import annotations
 
-import argparse
-import ctypes
-import json
 import os
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+# _harness first: it puts the repository on sys.path for a bare checkout
+from _harness import (PeakMemory, benchmark_parser, check_device, fmt_bytes, machine_info, set_megatron_tp_group,
+                      worker_device, write_report)
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from distill_plugins.testing.distributed import run_distributed  # noqa: E402
+from distill_plugins.testing.distributed import run_distributed
 
 METHODS = ("materialised", "fused")
-
-
-# --------------------------------------------------------------------------- measurement helpers
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: peaks are then upper bounds
-        pass
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-class _Memory:
-    """Peak extra memory of one call: process RSS on CPU, the caching allocator on CUDA."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def start(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            _malloc_trim()
-            self.base = _status_kb("VmRSS") * 1024
-            _reset_peak()
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def peak_extra(self) -> int:
-        if self.cuda:
-            return torch.cuda.max_memory_allocated() - self.base
-        return _status_kb("VmHWM") * 1024 - self.base
 
 
 def padded_vocab(vocab: int, tp: int) -> int:
@@ -134,16 +72,10 @@ def bench_worker(rank: int, tp: int, cfg: dict) -> dict:
     from distill_plugins.objectives.fused import default_chunk_rows, replicated_input
 
     torch.set_num_threads(cfg["threads"])
-    device = torch.device(cfg["device"] if cfg["device"] == "cpu" else f"cuda:{rank}")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = worker_device(cfg["device"], rank)
     group = dist.group.WORLD if tp > 1 else None
     if group is not None:  # megatron's vocab_parallel_cross_entropy (the materialised CE) reads parallel_state
-        from megatron.core import parallel_state as ps
-
-        ps._TENSOR_MODEL_PARALLEL_GROUP = group
-        ps._MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE = tp
-        ps._MPU_TENSOR_MODEL_PARALLEL_RANK = rank
+        set_megatron_tp_group(group, rank, tp)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg["dtype"]]
     vocab, n, hs_dim, ht_dim = cfg["vocab"], cfg["tokens"], cfg["hidden"], cfg["teacher_hidden"]
     padded = padded_vocab(vocab, tp)
@@ -180,7 +112,7 @@ def bench_worker(rank: int, tp: int, cfg: dict) -> dict:
         return loss.detach(), report
 
     fns = {"materialised": materialised, "fused": fused}
-    memory = _Memory(device)
+    memory = PeakMemory(device)
     out: dict[str, Any] = {"v_local": v_local, "padded_vocab": padded, "real_vocab": real, "chunk_rows": chunk_rows}
     results: dict[str, Any] = {}
     times: dict[str, list] = {name: [] for name in cfg["order"]}
@@ -223,14 +155,6 @@ def bench_worker(rank: int, tp: int, cfg: dict) -> dict:
 # --------------------------------------------------------------------------- report
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def _targets(runs: list[dict]) -> dict:
     checks = []
     for r in runs:
@@ -257,7 +181,7 @@ def print_report(report: dict) -> None:
         d = r["max_rel_diff"]
         print(f"{r['vocab']:>7}{r['tokens']:>6}{r['tp']:>4}{r['chunk_rows']:>7}"
               f"{1e3 * r['materialised']['time_s']:>17.0f}{1e3 * r['fused']['time_s']:>11.0f}{r['time_ratio']:>8.2f}"
-              f"{_fmt_bytes(r['materialised']['peak_extra_bytes']):>12}{_fmt_bytes(r['fused']['peak_extra_bytes']):>12}"
+              f"{fmt_bytes(r['materialised']['peak_extra_bytes']):>12}{fmt_bytes(r['fused']['peak_extra_bytes']):>12}"
               f"{r['memory_ratio']:>7.2f}   {d['loss']:.1e}/{d['grad_hidden']:.1e}/{d['grad_weight']:.1e}")
     print("\nTargets (issue 16):")
     for c in report["targets"]["checks"]:
@@ -268,31 +192,23 @@ def main(argv: list[str] | None = None) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
-    p.add_argument("--vocab", type=int, nargs="+", help="vocabulary sizes (default 32768 131072; quick 4096)")
-    p.add_argument("--tokens", type=int, help="token rows N (default 4096; quick 512)")
-    p.add_argument("--tp", type=int, nargs="+", help="TP sizes (default 1 2)")
+    p = benchmark_parser(__doc__, name="fused_output_layer", tokens_help="token rows N (default 4096; quick 512)",
+                         reps_help="timed repetitions (default 2; quick 2)")
     p.add_argument("--hidden", type=int, help="student hidden size (default 1024; quick 256)")
     p.add_argument("--teacher-hidden", type=int, help="teacher hidden size (default 1024; quick 384)")
     p.add_argument("--objective", default="forward_kl", help="registered objective (default forward_kl)")
     p.add_argument("--ce-weight", type=float, default=0.0, help="weight of the student CE (0: logged only)")
     p.add_argument("--chunk-rows", type=int, default=None, help="rows per fused chunk (default: the library's)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--reps", type=int, help="timed repetitions (default 2; quick 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (default 1)")
     p.add_argument("--order", choices=["materialised-first", "fused-first"], default="materialised-first")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1, as benchmarks/objectives.py)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fused_output_layer.json"))
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per rank (default 1, as benchmarks/objectives.py)")
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: torch.cuda.is_available() is False (a CPU-only torch build, or no GPU)")
     vocabs = args.vocab or ([4096] if args.quick else [32768, 131072])
     tokens = args.tokens or (512 if args.quick else 4096)
     tps = args.tp or [1, 2]
-    if args.device == "cuda" and max(tps) > torch.cuda.device_count():
-        p.error(f"--tp {max(tps)} needs {max(tps)} GPUs, {torch.cuda.device_count()} visible")
+    check_device(p, args.device, tps)
     cfg_base = {"tokens": tokens, "hidden": args.hidden or (256 if args.quick else 1024),
                 "teacher_hidden": args.teacher_hidden or (384 if args.quick else 1024), "objective": args.objective,
                 "ce_weight": args.ce_weight, "chunk_rows": args.chunk_rows, "dtype": args.dtype,
@@ -323,18 +239,13 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[V={vocab} N={tokens} TP={tp} done in {time.time() - t0:.0f} s]", flush=True)
     report = {
         "config": dict(cfg_base, vocabs=vocabs, tps=tps, quick=args.quick, backend="gloo"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "load_average_1m": os.getloadavg()[0],
-                    "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None},
+        "machine": machine_info(args.device),
         "runs": runs,
         "elapsed_s": time.time() - start,
     }
     report["targets"] = _targets(runs)
     print_report(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out}")
+    write_report(report, args.out)
     return report
 
 

@@ -18,16 +18,14 @@ holds random fp32 logit shards ``[T, V / TP]`` and times forward + backward of:
   with random targets, the floor (one exponential pass, in place).
 
 Time: median wall time over ``--reps`` repetitions (after one warm-up) with a
-barrier before and after, so it is the slowest rank's. Peak extra memory: the
-rise of the process's peak resident set (``VmHWM`` after resetting it through
-``/proc/self/clear_refs``, glibc's free lists trimmed first) over the resident
-set before the call, maximum over ranks; it includes the gradient buffer every
-method allocates. Bytes per token: payload of every ``all_reduce`` (forward and
+barrier before and after, so it is the slowest rank's. Peak extra memory:
+:class:`_harness.PeakMemory` (the rise of the process's peak resident set on CPU,
+the caching allocator's on CUDA), maximum over ranks; it includes the gradient
+buffer every method allocates. Bytes per token: payload of every ``all_reduce`` (forward and
 backward) and the received part of every ``all_gather``, divided by T.
 
 ``--device cuda``: rank ``r`` works on ``cuda:r``; time is measured after a
-``torch.cuda.synchronize()``, and peak extra memory is the caching allocator's
-``max_memory_allocated`` over ``memory_allocated`` before the call. The
+``torch.cuda.synchronize()``. The
 collectives still go through gloo (which handles CUDA tensors), so at TP>1 they
 are slower than NCCL's; compare methods at the same TP.
 
@@ -37,25 +35,18 @@ Prints a table and writes JSON to ``benchmarks/results/objectives.json``.
 
 from __future__ import annotations
 
-import argparse
-import ctypes
-import json
 import os
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+# _harness first: it puts the repository on sys.path for a bare checkout
+from _harness import (PeakMemory, benchmark_parser, check_device, fmt_bytes, machine_info, set_megatron_tp_group,
+                      worker_device, write_report)
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from distill_plugins.testing.distributed import run_distributed  # noqa: E402
+from distill_plugins.testing.distributed import run_distributed
 
 OURS = ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl", "logit_mse",
         "csd", "csd_US", "csd_TS"]
@@ -64,30 +55,6 @@ GATHERED = ["forward_kl", "csd"]
 
 
 # --------------------------------------------------------------------------- measurement helpers
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: peaks are then upper bounds
-        pass
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 class _ByteCounter:
@@ -203,15 +170,6 @@ def _make_methods(group, rank: int, tp: int, v_local: int, tokens: int, have_mod
     return methods
 
 
-def _set_megatron_tp_group(group, rank: int, tp: int) -> None:
-    """Minimal megatron parallel_state for vocab_parallel_cross_entropy and modelopt on gloo/CPU."""
-    from megatron.core import parallel_state as ps
-
-    ps._TENSOR_MODEL_PARALLEL_GROUP = group if group is not None else dist.group.WORLD
-    ps._MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE = tp
-    ps._MPU_TENSOR_MODEL_PARALLEL_RANK = rank
-
-
 def _modelopt_status() -> tuple[bool, str]:
     try:
         import modelopt  # noqa: F401
@@ -228,12 +186,9 @@ def bench_worker(rank: int, tp: int, vocab: int, tokens: int, reps: int, only: l
     import warnings
 
     warnings.filterwarnings("ignore")
-    dev = torch.device("cpu" if device == "cpu" else f"cuda:{rank}")
-    cuda = dev.type == "cuda"
-    if cuda:
-        torch.cuda.set_device(dev)
+    dev = worker_device(device, rank)
     group = dist.group.WORLD if tp > 1 else None
-    _set_megatron_tp_group(group, rank, tp)
+    set_megatron_tp_group(group, rank, tp)  # for vocab_parallel_cross_entropy and modelopt
     want_modelopt = not (skip and "modelopt:forward_kl" in skip) and (
         not only or any("modelopt:forward_kl".endswith(o) for o in only))
     have_modelopt = want_modelopt and _modelopt_status()[0]
@@ -243,6 +198,7 @@ def bench_worker(rank: int, tp: int, vocab: int, tokens: int, reps: int, only: l
     teacher = (2.0 * torch.randn(tokens, v_local, generator=gen)).to(dev)
     methods = _make_methods(group, rank, tp, v_local, tokens, have_modelopt, gather, dev)
     counter = _ByteCounter().install()
+    memory = PeakMemory(dev)
     out = {}
     for name, fn in methods.items():
         if only and not any(name.endswith(o) or name == o for o in only):
@@ -252,32 +208,21 @@ def bench_worker(rank: int, tp: int, vocab: int, tokens: int, reps: int, only: l
         times, peaks, nbytes = [], [], 0
         for rep in range(reps + 1):
             x = student.clone().requires_grad_(True)
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                mem0 = torch.cuda.memory_allocated()
-            else:
-                _malloc_trim()
-                rss0 = _status_kb("VmRSS")
-                _reset_peak()
+            memory.start()
             counter.bytes = 0
             if group is not None:
                 dist.barrier(group)
             t0 = time.perf_counter()
             fn(x, teacher).backward()
-            if cuda:
-                torch.cuda.synchronize()
+            memory.sync()
             if group is not None:
                 dist.barrier(group)
             elapsed = time.perf_counter() - t0
-            if cuda:
-                peak = (torch.cuda.max_memory_allocated() - mem0) // 1024
-            else:
-                peak = _status_kb("VmHWM") - rss0
+            peak = memory.peak_extra()
             assert x.grad is not None and x.grad.shape == x.shape
             if rep:
                 times.append(elapsed)
-                peaks.append(peak * 1024)
+                peaks.append(peak)
                 nbytes = counter.bytes
             del x
         out[name] = {"time_s": statistics.median(times), "times_s": times, "peak_extra_bytes": max(peaks),
@@ -368,14 +313,6 @@ def _targets(runs: list[dict], vocabs: list[int]) -> dict[str, Any]:
     return {"checks": checks, "all_met": all(c["met"] for c in checks)}
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def print_report(report: dict[str, Any]) -> None:
     print(f"modelopt: {report['modelopt']}")
     for run in report["runs"]:
@@ -392,7 +329,7 @@ def print_report(report: dict[str, Any]) -> None:
             rc = r["time_s"] / ce["time_s"] if ce else float("nan")
             rm = r["peak_extra_bytes"] / max(1, base["peak_extra_bytes"]) if base else float("nan")
             print(f"{name:<24}{1e3 * r['time_s']:>11.1f}{rt:>12.2f}{rc:>8.2f}"
-                  f"{_fmt_bytes(r['peak_extra_bytes']):>13}{rm:>8.2f}{r['bytes_per_token']:>13.0f}")
+                  f"{fmt_bytes(r['peak_extra_bytes']):>13}{rm:>8.2f}{r['bytes_per_token']:>13.0f}")
     pw = report.get("pairwise")
     if pw:
         print(f"\nCSD (U,S) O(V) vs O(V^2) pair form, V={pw['vocab']}, T={pw['tokens']}, one process: "
@@ -409,26 +346,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import warnings
 
     warnings.filterwarnings("ignore")  # megatron / modelopt import chatter
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
-    p.add_argument("--vocab", type=int, nargs="+", help="vocabulary sizes (default 32768 131072)")
-    p.add_argument("--tokens", type=int, help="token rows T (default 2048)")
-    p.add_argument("--tp", type=int, nargs="+", help="TP sizes (default 1 2)")
-    p.add_argument("--reps", type=int, help="timed repetitions (default 5; quick 2)")
+    p = benchmark_parser(__doc__, name="objectives", tokens_help="token rows T (default 2048; quick 64)",
+                         reps_help="timed repetitions (default 5; quick 1)")
     p.add_argument("--only", nargs="+", help="run only methods whose name ends with one of these")
     p.add_argument("--skip", nargs="+", help="method names to leave out (e.g. modelopt:forward_kl)")
     p.add_argument("--gather-max-vocab", type=int, default=32768,
                    help="skip the gather-then-compute baseline above this V (it needs ~10 full-vocab fp32 "
                         "[T, V] tensors per rank; default 32768)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="cpu, or cuda (rank r on cuda:r; collectives still through gloo)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "objectives.json"))
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: torch.cuda.is_available() is False (a CPU-only torch build, or no GPU)")
     vocabs = args.vocab or ([4096] if args.quick else [32768, 131072])
     tokens = args.tokens or (64 if args.quick else 2048)
     tps = args.tp or [1, 2]
+    check_device(p, args.device, tps)
     reps = args.reps or (1 if args.quick else 5)
     if args.skip and "modelopt:forward_kl" in args.skip:
         ok, modelopt = False, "skipped (--skip modelopt:forward_kl)"
@@ -460,9 +389,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": {"vocabs": vocabs, "tokens": tokens, "tps": tps, "reps": reps, "quick": args.quick,
                    "dtype": "float32", "threads_per_rank": 1, "device": args.device,
                    "backend": "gloo (CPU)" if args.device == "cpu" else "gloo (CUDA tensors)"},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "load_average_1m": os.getloadavg()[0],
-                    "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None},
+        "machine": machine_info(args.device),
         "modelopt": modelopt if ok else f"unavailable: {modelopt}; no modelopt comparison was made",
         "runs": runs,
         "pairwise": pairwise,
@@ -470,10 +397,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     report["targets"] = _targets(runs, vocabs)
     print_report(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out}")
+    write_report(report, args.out)
     return report
 
 
