@@ -286,7 +286,7 @@ def test_bad_records_name_file_and_line(tmp_path, line, message):
 def test_non_utf8_and_non_jsonl_inputs(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b'{"prompt": "ok", "response": "fine"}\n\n{"prompt": "caf\xe9", "response": "x"}\n')
-    with pytest.raises(DistillError, match=r"latin1\.jsonl:3: not UTF-8 text \(byte 0xe9 at column 16\)"):
+    with pytest.raises(DistillError, match=r"latin1\.jsonl:3: not UTF-8 text \(byte 0xe9 at byte 16 of the line"):
         read_records([str(path)])
     (tmp_path / "notes.txt").write_text("prompt and response\n")
     with pytest.raises(InputError, match="must be JSON lines"):

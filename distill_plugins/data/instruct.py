@@ -71,7 +71,6 @@ Usage::
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -83,9 +82,8 @@ from ..errors import InputError
 from ..logging import get_logger, global_rank
 from .chat_template import ChatTemplate, PlainTemplate, TemplateError, load_chat_template
 from .embedded_instruct import build_embedded_instruct
-from .sources import SPLIT_CODES, expand_inputs, split_ranges
-from .stream import ConsumedSamplesIterator
-from .stream import rank0_first as _rank0_first
+from .sources import JSON_LINES_SUFFIXES, SPLIT_CODES, expand_inputs, iter_json_lines, split_ranges
+from .stream import ConsumedSamplesIterator, rank0_first
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["EMBEDDED", "Record", "Rendered", "Example", "read_records", "select_template", "render_records",
@@ -99,7 +97,6 @@ log = get_logger(__name__)
 EMBEDDED = "embedded"
 #: Default tokenizer of the embedded task when ``data.tokenizer`` is null.
 EMBEDDED_DEFAULT_TOKENIZER = "embedded:4096"
-_JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
 def is_embedded_instruct(data) -> bool:
@@ -176,24 +173,11 @@ def read_records(paths: Sequence[str], *, prompt_key: str = "prompt", response_k
     """
     records: list[Record] = []
     for path in expand_inputs(paths):
-        if Path(path).suffix.lower() not in _JSON_SUFFIXES:
-            raise InputError(f"{path}: instruction data must be JSON lines ({', '.join(_JSON_SUFFIXES)}), one "
+        if Path(path).suffix.lower() not in JSON_LINES_SUFFIXES:
+            raise InputError(f"{path}: instruction data must be JSON lines ({', '.join(JSON_LINES_SUFFIXES)}), one "
                              "record per line")
-        with open(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                where = f"{path}:{lineno}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise InputError(f"{where}: not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
-                                     "re-encode the file as UTF-8") from None
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as exc:
-                    raise InputError(f"{where}: not valid JSON ({exc})") from None
-                records.append(_record(row, where, prompt_key, response_key, messages_key))
+        for lineno, row in iter_json_lines(path):
+            records.append(_record(row, f"{path}:{lineno}", prompt_key, response_key, messages_key))
     return records
 
 
@@ -569,7 +553,7 @@ def instruct_records(recipe, split: str) -> tuple[list[Record], str]:
     data = recipe.data
     keys = dict(prompt_key=data.prompt_key, response_key=data.response_key, messages_key=data.messages_key)
     if is_embedded_instruct(data):
-        built = _rank0_first(build_embedded_instruct)
+        built = rank0_first(build_embedded_instruct)
         records = read_records([str(built.jsonl[split])], **keys)
         where = f"the embedded instruction task at {built.directory}"
     else:
@@ -596,7 +580,7 @@ def instruct_source(recipe, split: str = "train", *, tokenizer: Optional[Tokeniz
     records, where = instruct_records(recipe, split)
     if tokenizer is None:
         cached = is_embedded_instruct(data) or str(data.tokenizer).startswith("embedded:")
-        tokenizer = _rank0_first(lambda: instruct_tokenizer(recipe)) if cached else instruct_tokenizer(recipe)
+        tokenizer = rank0_first(lambda: instruct_tokenizer(recipe)) if cached else instruct_tokenizer(recipe)
     spec = data.tokenizer if data.tokenizer is not None else tokenizer.name
     template = select_template(spec, data.template, records)
     examples = tokenize_rendered(render_records(records, template), tokenizer)

@@ -48,10 +48,7 @@ from .embedded import DEFAULT_VOCAB_SIZE, build_embedded
 from .instruct import build_instruct_data, build_instruct_eval_data
 from .sources import SPLIT_CODES, SyntheticSource, jsonl_source, megatron_sources
 # the iterator base and the rank-0-first helper live in .stream (no cycle with .instruct); the names
-# ConsumedSamplesIterator and _rank0_first stay importable from here for existing callers
-from .stream import ConsumedSamplesIterator
-from .stream import dist_if_initialized as _dist
-from .stream import rank0_first as _rank0_first
+from .stream import ConsumedSamplesIterator, dist_if_initialized, rank0_first
 from .tokenizer import Tokenizer, load_tokenizer
 
 log = get_logger(__name__)
@@ -130,7 +127,7 @@ def build_sources(recipe, *, dp_size: int, splits=("train", "valid", "test"), pr
     on every rank.
     """
     data, training, seed = recipe.data, recipe.training, recipe.seed
-    dist = _dist()
+    dist = dist_if_initialized()
     rank = dist.get_rank() if dist else 0
     progress = (rank == 0) if progress is None else progress
     if data.kind == "synthetic":
@@ -151,12 +148,12 @@ def build_sources(recipe, *, dp_size: int, splits=("train", "valid", "test"), pr
             vocab = int(str(spec).split(":", 1)[1]) if str(spec)[9:].isdigit() else None
             if vocab is None:
                 load_tokenizer(spec)  # raises the helpful message
-            built = _rank0_first(lambda: build_embedded(vocab, progress=progress))
+            built = rank0_first(lambda: build_embedded(vocab, progress=progress))
             tok = built.tokenizer()
             tok.name = spec
         else:
             tok = load_tokenizer(spec)
-            built = _rank0_first(lambda: build_embedded(tokenizer=tok, progress=progress))
+            built = rank0_first(lambda: build_embedded(tokenizer=tok, progress=progress))
         blends = [([built.prefixes[s]], None) for s in ("train", "valid", "test")]
         sources = megatron_sources(blend_per_split=blends, sizes=[None, None, None], seq_length=data.seq_length,
                                    seed=seed, tokenizer=tok, cache_path=str(built.corpus.directory / "gpt_index_cache"))

@@ -26,7 +26,7 @@ import contextlib
 import glob
 import json
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch.distributed as dist
@@ -35,6 +35,8 @@ from ..errors import InputError
 from .tokenizer import Tokenizer
 
 SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
+#: file suffixes read as JSON lines (one record per line)
+JSON_LINES_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
 class SyntheticSource:
@@ -138,6 +140,29 @@ def _not_utf8(path: str, lineno: int, exc: UnicodeDecodeError, column: int) -> I
                       f"`iconv -f latin1 -t utf-8 {path} > fixed{Path(path).suffix}`")
 
 
+def iter_json_lines(path: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` of every non-blank line of a JSON-lines file (numbers from 1).
+
+    Lines are decoded as UTF-8 one by one (the file is read as bytes), so an error
+    names the file and the line.
+
+    Raises:
+        InputError: a line is not UTF-8 or not valid JSON.
+    """
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(path, lineno, exc, exc.start + 1) from None
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except ValueError as exc:
+                raise InputError(f"{path}:{lineno}: not valid JSON ({exc})") from None
+
+
 def iter_texts(path: str, text_key: str = "text"):
     """Texts of one input file: one per JSON line for ``.jsonl``/``.json``, else the whole file as one text.
 
@@ -145,25 +170,13 @@ def iter_texts(path: str, text_key: str = "text"):
         InputError: a line is not UTF-8 or not a JSON object with ``text_key``
             (naming the file and the line).
     """
-    suffix = Path(path).suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        with open(path, "rb") as fh:  # bytes: a non-UTF-8 line is reported with its number
-            for lineno, raw in enumerate(fh, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise _not_utf8(path, lineno, exc, exc.start + 1) from None
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as exc:
-                    raise InputError(f"{path}:{lineno}: not valid JSON ({exc})") from None
-                if not isinstance(row, dict) or text_key not in row:
-                    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                    raise InputError(f"{path}:{lineno}: no key {text_key!r} (found {keys}); set data.text_key "
-                                     "(or --text-key) to the key holding the text")
-                yield str(row[text_key])
+    if Path(path).suffix.lower() in JSON_LINES_SUFFIXES:
+        for lineno, row in iter_json_lines(path):
+            if not isinstance(row, dict) or text_key not in row:
+                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise InputError(f"{path}:{lineno}: no key {text_key!r} (found {keys}); set data.text_key "
+                                 "(or --text-key) to the key holding the text")
+            yield str(row[text_key])
     else:
         raw = Path(path).read_bytes()
         try:

@@ -56,8 +56,9 @@ import torch
 from ..errors import InputError
 from .alignment_collate import AlignmentCollator
 from .instruct_aligned import build_instruct_aligned_data, build_instruct_aligned_eval_data
-from .iterators import ConsumedSamplesIterator, _rank0_first, resolve_tokenizer
+from .iterators import resolve_tokenizer
 from .sources import SPLIT_CODES, expand_inputs, iter_texts, split_ranges
+from .stream import PrefetchingIterator, rank0_first
 
 __all__ = ["text_documents", "PackedTextSource", "AlignedMicrobatchIterator", "AlignedEvalData",
            "build_aligned_data", "build_aligned_eval_data"]
@@ -96,7 +97,7 @@ def text_documents(recipe, split: str) -> list[str]:
     elif data.kind == "embedded":
         from .embedded_corpus import build_embedded_corpus  # local: keeps this module's import light
 
-        corpus = _rank0_first(build_embedded_corpus)
+        corpus = rank0_first(build_embedded_corpus)
         docs = list(corpus.texts(split))
         where = f"the embedded corpus at {corpus.directory} (data.split={data.split!r} does not apply to it)"
     else:
@@ -177,7 +178,7 @@ class PackedTextSource:
         return self.window(int(self.order(epoch)[j]))
 
 
-class AlignedMicrobatchIterator(ConsumedSamplesIterator):
+class AlignedMicrobatchIterator(PrefetchingIterator):
     """One DP rank's microbatches of aligned text; resumable by consumed samples like ``MicrobatchIterator``.
 
     Args:
@@ -201,31 +202,8 @@ class AlignedMicrobatchIterator(ConsumedSamplesIterator):
                  kind: str = "", split: str = "train", prefetch: bool = True):
         super().__init__(micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                          consumed_samples=consumed_samples, max_microbatches=max_microbatches, kind=kind, split=split,
-                         seq_length=collator.student.seq_length)
+                         seq_length=collator.student.seq_length, prefetch=prefetch)
         self.source, self.collator = source, collator
-        self.prefetch = prefetch
-        self._pending: Optional[tuple[int, Any]] = None  # (first sample index, Future)
-        self._executor = None
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        first = self._next_first()
-        batch = None
-        if self._pending is not None:
-            key, future = self._pending
-            self._pending = None
-            ready = future.result()  # also when stale: one thread at a time uses the source and collator
-            batch = ready if key == first else None
-        if batch is None:
-            batch = self._build(first)
-        self._advance()
-        if self.prefetch and (self.max_microbatches is None or self._yielded < self.max_microbatches):
-            if self._executor is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill-text-batches")
-            nxt = self.consumed_samples + self.dp_rank * self.micro_batch_size
-            self._pending = (nxt, self._executor.submit(self._build, nxt))
-        return batch
 
     def _build(self, first: int) -> dict[str, torch.Tensor]:
         """The microbatch of global samples ``first .. first + micro_batch_size - 1``."""
@@ -290,7 +268,7 @@ def load_tokenizer_pair(recipe) -> tuple:
 
     specs = [data.tokenizer, data.teacher_tokenizer]
     cached = data.kind == "embedded" or any(str(s).startswith("embedded:") for s in specs if s)
-    return _rank0_first(load) if cached else load()
+    return rank0_first(load) if cached else load()
 
 
 def _parts(recipe, split: str, pairing: str) -> tuple[PackedTextSource, AlignmentCollator]:

@@ -63,7 +63,8 @@ from megatron.core.optimizer.optimizer_config import ParamKey
 from distill_plugins.aligners.base import LOGIT_FREE_POLICIES, recipe_problems, resolve_aligner
 from distill_plugins.aligners.vocab import as_backend, same_vocabulary
 from distill_plugins.data.alignment_collate import pair_rows
-from distill_plugins.data.iterators import _rank0_first, resolve_tokenizer
+from distill_plugins.data.iterators import resolve_tokenizer
+from distill_plugins.data.stream import rank0_first
 from distill_plugins.data.text_batches import load_tokenizer_pair
 from distill_plugins.engine.loss import REPORT_KEYS, LossParts, finish_report, valid_rows
 from distill_plugins.errors import RecipeError
@@ -304,5 +305,5 @@ def _tokenizers(recipe: Any) -> tuple[Any, Any]:
     """Both tokenizers; with no ``data.teacher_tokenizer`` the student's (possibly None) serves both."""
     if recipe.data.teacher_tokenizer:
         return load_tokenizer_pair(recipe)
-    student = _rank0_first(lambda: resolve_tokenizer(recipe, "student"))
+    student = rank0_first(lambda: resolve_tokenizer(recipe, "student"))
     return student, student
