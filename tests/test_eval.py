@@ -189,6 +189,10 @@ def test_eval_errors_name_the_value_and_the_fix(run, capsys, tmp_path):
     # a recipe key the evaluation reads, checked where the recipe is loaded
     assert main(["check", recipe, "training.eval_generate=-1"]) == 2
     assert "training.eval_generate must be >= 0" in capsys.readouterr().err
+    assert main(["check", recipe, "teacher_parallel.ranks=1"]) == 2  # the teacher ranks would not take part
+    assert "generation-based evaluation during a run with teacher_parallel is not supported" in capsys.readouterr().err
+    assert main(["check", recipe, "data.kind=jsonl"]) == 2
+    assert "training.eval_generate=4 answers held-out prompts, but data.kind='jsonl'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------

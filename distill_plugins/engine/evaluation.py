@@ -33,7 +33,9 @@ before its last response, its last ``data.seq_length`` tokens; with learned
 positions also at most ``max_position_embeddings - max_new_tokens`` tokens) is
 answered by the student with :func:`~distill_plugins.engine.generate.generate`
 (greedy, at most ``max_new_tokens`` tokens, stops at the tokenizer's EOS;
-collective over TP x PP, DP ranks answer their own examples). The answer is
+collective over TP x PP, DP ranks answer their own examples, in batches of
+``generation_batch_size`` prompts of similar lengths: a batch decodes one token
+at a time from its shortest prompt on, so mixed lengths cost steps). The answer is
 decoded without the EOS and special tokens and compared with the untruncated
 reference answer (the last assistant message) by :func:`rouge_l_f1`::
 
@@ -277,15 +279,18 @@ def _answers(engine: "Engine", source: InstructSource, rows: list[int], tokenize
     limit = _prompt_limit(gpt, max_new_tokens)
     eos = tokenizer.eos_id
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=eos)
-    answers: list[list[int]] = []
-    stopped: list[bool] = []
+    prompts_all = [list(map(int, source.prompts[k])) for k in rows]
+    if limit is not None:
+        prompts_all = [p[-limit:] for p in prompts_all]
+    # batches of similar prompt lengths: generate() steps one token at a time from the shortest prompt of a batch
+    order = sorted(range(len(rows)), key=lambda j: len(prompts_all[j]))
+    answers: list[list[int]] = [[] for _ in rows]
+    stopped: list[bool] = [False for _ in rows]
     start = time.perf_counter()
     with Progress("generating answers", total=len(rows), unit="answers", enabled=show_progress) as bar:
         for lo in range(0, len(rows), batch_size):
-            chunk = rows[lo:lo + batch_size]
-            prompts = [list(map(int, source.prompts[k])) for k in chunk]
-            if limit is not None:
-                prompts = [p[-limit:] for p in prompts]
+            chunk = order[lo:lo + batch_size]
+            prompts = [prompts_all[j] for j in chunk]
             seen = [0]
 
             def on_step(p: GenerationProgress, seen=seen) -> None:
@@ -297,9 +302,9 @@ def _answers(engine: "Engine", source: InstructSource, rows: list[int], tokenize
                               progress=on_step)
             if len(chunk) > seen[0]:
                 bar.update(len(chunk) - seen[0])
-            for row, hit in zip(result.responses(), result.finished.tolist()):
-                answers.append(row[:-1] if hit and row and row[-1] == eos else row)
-                stopped.append(bool(hit))
+            for j, row, hit in zip(chunk, result.responses(), result.finished.tolist()):
+                answers[j] = row[:-1] if hit and row and row[-1] == eos else row
+                stopped[j] = bool(hit)
     return answers, stopped, time.perf_counter() - start
 
 
@@ -357,6 +362,9 @@ def evaluate_instruct(engine: "Engine", *, source: Optional[InstructSource] = No
     """
     recipe, ctx = engine.recipe, engine.ctx
     check_instruct_recipe(recipe)
+    if engine.trainer.teacher_provider is not None:
+        raise RecipeError("generation-based evaluation needs the teacher on the student's ranks; with "
+                          "teacher_parallel score the run's checkpoints with distill eval (it co-locates the teacher)")
     if num_examples is not None and (not isinstance(num_examples, int) or num_examples < 1):
         raise DistillError(f"num_examples={num_examples!r}: expected an integer >= 1 (or None for the whole split)")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:

@@ -100,6 +100,10 @@ def _structure_errors(recipe: Recipe, vocab_out: Optional[dict[str, Optional[int
     if recipe.training.eval_generate and data.kind != "instruct":  # generation-based evaluation: docs/eval.md
         errors.append(f"training.eval_generate={recipe.training.eval_generate} answers held-out prompts, but "
                       f"data.kind={data.kind!r} has none; use data.kind: instruct or set training.eval_generate: 0")
+    elif recipe.training.eval_generate and recipe.teacher_parallel is not None:
+        errors.append(f"training.eval_generate={recipe.training.eval_generate}: generation-based evaluation during a "
+                      "run with teacher_parallel is not supported (the teacher ranks do not take part); set "
+                      "training.eval_generate: 0 and score checkpoints with distill eval, which co-locates the teacher")
     elif recipe.training.eval_generate and not recipe.training.eval_interval:
         errors.append(RecipeWarning(f"training.eval_generate={recipe.training.eval_generate} has no effect with "
                                     "training.eval_interval=0 (no evaluation runs); set training.eval_interval"))
