@@ -10,6 +10,7 @@ Modules:
     trainer         Trainer: DDP, optimizer, LR schedule, one optimizer step, NaN guard, step metrics
     stage           DistillStage (student + frozen teacher/reference) under megatron's pipeline schedule
     loss            selector -> temperature -> objective (+ CE mix) over vocab-parallel logits
+    fused_loss      the same from the last stage's hidden states and output-layer shards (fused output layer)
     alignment       vocabulary aligners inside the engine (projectors, loss over two vocabularies)
     generate        batched autoregressive generation under TP/PP (KV cache, per-row seeds)
     sequences       sequence sources in the step: plan, generate (on-policy / SeqKD), rebuild the batches

@@ -32,7 +32,11 @@ One step (:meth:`Trainer.train_step`):
    microbatches through megatron's schedule
    (:func:`~distill_plugins.engine.stage.forward_backward`); the loss glue
    returns (sum, count, report) per microbatch and megatron divides the
-   gradients by the step's global token count;
+   gradients by the step's global token count. On the fused output layer
+   (``loss.fused_output_layer``, decided once in :meth:`Trainer.build` by
+   :func:`~distill_plugins.objectives.fused.decide_fused_output_layer`) the last
+   stage hands hidden states and output-layer weights instead of logits and
+   :meth:`Trainer._loss_fn` calls :func:`~distill_plugins.engine.fused_loss.fused_distill_loss`;
 2. reduce the reports: sum over microbatches, all-reduce over DP on the last
    pipeline stage, broadcast over the pipeline group, so every rank holds the
    same figures;
