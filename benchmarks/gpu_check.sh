@@ -28,7 +28,9 @@ export PYTHONUNBUFFERED=1
 
 TINY_OVERRIDES=(device=cuda training.precision=bf16 "training.steps=$STEPS" training.warmup_steps=1
     training.log_interval=1 checkpoint.interval=0 checkpoint.resume=none)
-TINY=("$PY" -m distill_plugins.cli run recipes/tiny/base.yaml "${TINY_OVERRIDES[@]}" "output_dir=$OUT/tiny_bf16")
+# The materialised logits (the switch's default, auto, runs the tiny recipe fused).
+TINY=("$PY" -m distill_plugins.cli run recipes/tiny/base.yaml "${TINY_OVERRIDES[@]}" loss.fused_output_layer=false
+    "output_dir=$OUT/tiny_bf16")
 # The same run on the fused output layer, when the recipe schema has the switch (checked before running).
 TINY_FUSED=("$PY" -m distill_plugins.cli run recipes/tiny/base.yaml "${TINY_OVERRIDES[@]}"
     loss.fused_output_layer=true "output_dir=$OUT/tiny_bf16_fused")
