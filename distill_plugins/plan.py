@@ -251,20 +251,22 @@ def estimate_memory(recipe: Recipe, student: ModelShape, teacher: ModelShape, la
     p_t = per_stage(lambda st: stage_params(teacher, vt, tp, pp, st))
     lines = [
         MemoryLine("student weights", tuple(p * w for p in p_s),
-                   f"{_count(p_s)} params x {w} B ({precision})"),
-        MemoryLine("gradients", tuple(p * 4 for p in p_s), f"{_count(p_s)} params x 4 B (fp32 main grads)"),
+                   f"{format_count(p_s)} params x {w} B ({precision})"),
+        MemoryLine("gradients", tuple(p * 4 for p in p_s), f"{format_count(p_s)} params x 4 B (fp32 main grads)"),
         MemoryLine("optimizer state", tuple(p * (8 + master) // opt_div for p in p_s),
-                   f"{_count(p_s)} params x {8 + master} B (Adam: "
+                   f"{format_count(p_s)} params x {8 + master} B (Adam: "
                    + ("fp32 master + " if master else "") + "2 fp32 moments)"
                    + (f" / DP={dp} (distributed optimizer)" if layout.distributed_optimizer else "")),
     ]
     has_teacher = recipe.loss.kd_weight > 0  # kd_weight 0: the engine builds no teacher (CE only)
     if has_teacher:
-        lines.append(MemoryLine("teacher weights", tuple(p * w for p in p_t), f"{_count(p_t)} params x {w} B, frozen"))
+        lines.append(MemoryLine("teacher weights", tuple(p * w for p in p_t),
+                                f"{format_count(p_t)} params x {w} B, frozen"))
     if reference is not None and has_teacher:
         vr = padded_vocab_size(reference.vocab_size, d, tp)
         p_r = per_stage(lambda st: stage_params(reference, vr, tp, pp, st))
-        lines.append(MemoryLine("reference weights", tuple(p * w for p in p_r), f"{_count(p_r)} params x {w} B, frozen"))
+        lines.append(MemoryLine("reference weights", tuple(p * w for p in p_r),
+                                f"{format_count(p_r)} params x {w} B, frozen"))
 
     per_layer = activation_bytes_per_layer(seq=s, micro_batch=b, hidden=student.hidden_size,
                                            heads=student.num_attention_heads, tensor=tp,
@@ -273,7 +275,7 @@ def estimate_memory(recipe: Recipe, student: ModelShape, teacher: ModelShape, la
     layers = -(-student.num_layers // pp)
     inflight = per_stage(lambda st: min(pp - st, microbatches))
     lines.append(MemoryLine("activations", tuple(per_layer * layers * n for n in inflight),
-                            f"{_gib(per_layer)} GiB/layer x {layers} layers x {'/'.join(map(str, inflight))} "
+                            f"{format_gib(per_layer)} GiB/layer x {layers} layers x {'/'.join(map(str, inflight))} "
                             f"microbatch(es) in flight"))
 
     tokens = s * b
@@ -331,11 +333,13 @@ def _yaml(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _count(values: Iterable[int]) -> str:
+def format_count(values: Iterable[int]) -> str:
+    """Parameter counts as ``1.234B`` (from 10^8) or ``12.34M``, joined by ``/`` (one per stage)."""
     return "/".join(f"{v / 1e9:.3f}B" if v >= 1e8 else f"{v / 1e6:.2f}M" for v in values)
 
 
-def _gib(n: float) -> str:
+def format_gib(n: float) -> str:
+    """Bytes in GiB with two decimals."""
     return f"{n / GIB:.2f}"
 
 
@@ -382,13 +386,7 @@ class PlanReport:
         out = [f"distill plan {self.recipe_path}: {self.nodes} node(s) x {self.gpus_per_node} GPU(s) = "
                f"{self.layout.world} GPUs, {self.layout.describe()}, {self.gpu_memory_gib:g} GiB per GPU"]
         out += [f"warning: {w}" for w in self.warnings]
-        out.append("models:")
-        for s in self.shapes:
-            vp = self.padded_vocab[s.role]
-            out.append(f"  {s.role:<9} {s.arch:<5} {s.num_layers} layers, hidden {s.hidden_size}, ffn "
-                       f"{s.ffn_hidden_size}, heads {s.num_attention_heads}, query groups {s.num_query_groups}, "
-                       f"vocab {s.vocab_size} -> padded {vp} (+{vp - s.vocab_size}), "
-                       f"{_count([count_parameters(s, s.arch)])} params  [{s.source}]")
+        out += self.model_lines()
         out.append("checks:")
         if self.errors:
             out += [f"  ERROR {e}" for e in self.errors]
@@ -401,19 +399,10 @@ class PlanReport:
             out.append(f"  ok    global batch {self.global_batch} = micro batch {self.micro_batch} x DP="
                        f"{self.layout.data} x {self.microbatches} microbatch(es) per step")
             out.append(f"  ok    vocabularies padded to a multiple of {self.vocab_multiple} x TP={tp}")
-        if self.memory is not None:
-            out.append("memory per GPU, GiB (an estimate; docs/planner.md):")
-            out += _memory_table(self.memory)
-            limit = self.gpu_memory_gib * GIB
-            if self.fits:
-                out.append(f"  fits: peak {_gib(self.memory.peak)} of {self.gpu_memory_gib:g} GiB "
-                           f"({100 * self.memory.peak / limit:.0f}%; CUDA context and NCCL buffers not counted)")
-            else:
-                out.append(f"  WARNING: peak {_gib(self.memory.peak)} GiB exceeds the {self.gpu_memory_gib:g} GiB "
-                           "of one GPU")
+        out += self.memory_lines()
         if self.suggestion is not None:
             layout, memory = self.suggestion
-            out.append(f"suggested layout: {layout.describe()}, peak {_gib(memory.peak)} GiB:")
+            out.append(f"suggested layout: {layout.describe()}, peak {format_gib(memory.peak)} GiB:")
             out.append("  " + " ".join(layout.overrides()))
             out.append("command:")
             out.append("  " + self.command(layout.overrides()))
@@ -426,13 +415,43 @@ class PlanReport:
             out.append("  " + self.command())
         return "\n".join(out)
 
+    def model_lines(self) -> list[str]:
+        """``models:`` and a line per model: shape, padded vocabulary, parameters, where the shape was read."""
+        out = ["models:"]
+        for s in self.shapes:
+            vp = self.padded_vocab[s.role]
+            out.append(f"  {s.role:<9} {s.arch:<5} {s.num_layers} layers, hidden {s.hidden_size}, ffn "
+                       f"{s.ffn_hidden_size}, heads {s.num_attention_heads}, query groups {s.num_query_groups}, "
+                       f"vocab {s.vocab_size} -> padded {vp} (+{vp - s.vocab_size}), "
+                       f"{format_count([count_parameters(s, s.arch)])} params  [{s.source}]")
+        return out
 
-def _memory_table(memory: MemoryEstimate) -> list[str]:
+    def memory_lines(self, docs: str = "docs/planner.md", over_memory_fix: str = "") -> list[str]:
+        """The memory table and whether its peak fits one GPU (none without an estimate).
+
+        ``over_memory_fix`` is appended to the over-memory warning (``: <keys to change>``).
+        """
+        if self.memory is None:
+            return []
+        out = [f"memory per GPU, GiB (an estimate; {docs}):"] + memory_table(self.memory)
+        peak = self.memory.peak
+        if self.fits:
+            out.append(f"  fits: peak {format_gib(peak)} of {self.gpu_memory_gib:g} GiB "
+                       f"({100 * peak / (self.gpu_memory_gib * GIB):.0f}%; CUDA context and NCCL buffers not counted)")
+        else:
+            out.append(f"  WARNING: peak {format_gib(peak)} GiB exceeds the {self.gpu_memory_gib:g} GiB of one GPU"
+                       + (f": {over_memory_fix}" if over_memory_fix else ""))
+        return out
+
+
+def memory_table(memory: MemoryEstimate) -> list[str]:
+    """The estimate as rows: a column of GiB per stage, each line's formula, the totals."""
     head = "  " + f"{'':<18}" + "".join(f"{name:>13}" for name in memory.stages)
     rows = [head]
     for line in memory.lines:
-        rows.append("  " + f"{line.name:<18}" + "".join(f"{_gib(v):>13}" for v in line.bytes) + f"   {line.formula}")
-    rows.append("  " + f"{'total':<18}" + "".join(f"{_gib(v):>13}" for v in memory.totals))
+        gib = "".join(f"{format_gib(v):>13}" for v in line.bytes)
+        rows.append("  " + f"{line.name:<18}" + gib + f"   {line.formula}")
+    rows.append("  " + f"{'total':<18}" + "".join(f"{format_gib(v):>13}" for v in memory.totals))
     return rows
 
 

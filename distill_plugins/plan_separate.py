@@ -42,8 +42,8 @@ from typing import Optional, Sequence
 from .engine.teacher_ranks import (element_bytes, logits_bytes_per_token, microbatches_per_step,
                                    payload_bytes_per_token, separate_teacher_errors)
 from .errors import DistillError
-from .plan import (GIB, Layout, MemoryEstimate, MemoryLine, ModelShape, PlanReport, _count, _gib, _memory_table,
-                   activation_bytes_per_layer, check_layout, estimate_memory, resolve_shape, stage_params)
+from .plan import (Layout, MemoryEstimate, MemoryLine, ModelShape, PlanReport, activation_bytes_per_layer,
+                   check_layout, estimate_memory, format_count, format_gib, resolve_shape, stage_params)
 from .recipe.schema import Recipe, padded_vocab_size
 from .shapes import count_parameters
 
@@ -73,13 +73,7 @@ class SeparatePlanReport(PlanReport):
                f"{s.world + t.world} GPUs, teacher on its own ranks: student {s.world} GPU(s) {s.describe()}, "
                f"teacher {t.world} GPU(s) {t.describe()}, {self.gpu_memory_gib:g} GiB per GPU"]
         out += [f"warning: {w}" for w in self.warnings]
-        out.append("models:")
-        for m in self.shapes:
-            vp = self.padded_vocab[m.role]
-            out.append(f"  {m.role:<9} {m.arch:<5} {m.num_layers} layers, hidden {m.hidden_size}, ffn "
-                       f"{m.ffn_hidden_size}, heads {m.num_attention_heads}, query groups {m.num_query_groups}, "
-                       f"vocab {m.vocab_size} -> padded {vp} (+{vp - m.vocab_size}), "
-                       f"{_count([count_parameters(m, m.arch)])} params  [{m.source}]")
+        out += self.model_lines()
         out.append("checks:")
         out += [f"  ERROR {e}" for e in self.errors] if self.errors else [f"  ok    {n}" for n in self.notes]
         out.append(f"payload per token: teacher hidden state {self.payload_bytes} B, against {self.logits_bytes} B "
@@ -89,17 +83,9 @@ class SeparatePlanReport(PlanReport):
                        if self.balance > 1.1 else
                        "the teacher will idle: give the student more ranks" if self.balance < 0.9 else "balanced")
             out.append(f"compute balance: teacher / student FLOPs per GPU = {self.balance:.2f}: {verdict}")
-        if self.memory is not None:
-            out.append("memory per GPU, GiB (an estimate; docs/planner.md, docs/separate_teacher.md):")
-            out += _memory_table(self.memory)
-            if self.fits:
-                out.append(f"  fits: peak {_gib(self.memory.peak)} of {self.gpu_memory_gib:g} GiB "
-                           f"({100 * self.memory.peak / (self.gpu_memory_gib * GIB):.0f}%; CUDA context and NCCL "
-                           "buffers not counted)")
-            else:
-                out.append(f"  WARNING: peak {_gib(self.memory.peak)} GiB exceeds the {self.gpu_memory_gib:g} GiB "
-                           "of one GPU: raise teacher_parallel.tensor/pipeline, parallel.tensor/pipeline, or "
-                           "lower training.micro_batch_size")
+        out += self.memory_lines("docs/planner.md, docs/separate_teacher.md",
+                                 "raise teacher_parallel.tensor/pipeline, parallel.tensor/pipeline, or lower "
+                                 "training.micro_batch_size")
         if self.ok:
             out.append("command:")
             out.append("  " + self.command())
@@ -153,13 +139,13 @@ def separate_memory(recipe: Recipe, student: ModelShape, teacher: ModelShape, st
     vt = padded_vocab_size(teacher.vocab_size, d, tp_t)
     p_t = tuple(stage_params(teacher, vt, tp_t, pp_t, st) for st in t_ids)
     lines.append(MemoryLine("teacher weights", zeros_s + tuple(p * w for p in p_t),
-                            f"{_count(p_t)} params x {w} B, frozen, TP_t={tp_t} PP_t={pp_t}"))
+                            f"{format_count(p_t)} params x {w} B, frozen, TP_t={tp_t} PP_t={pp_t}"))
     layer = activation_bytes_per_layer(seq=s, micro_batch=b, hidden=teacher.hidden_size,
                                        heads=teacher.num_attention_heads, tensor=tp_t, sequence_parallel=False,
                                        flash_attention=flash_attention, element_bytes=w)
     inflight = tuple(min(pp_t - st, max(1, per_replica)) for st in t_ids)
     lines.append(MemoryLine("teacher forward", zeros_s + tuple(layer + n * payload for n in inflight),
-                            f"one layer's activations {_gib(layer)} GiB + {'/'.join(map(str, inflight))} stage "
+                            f"one layer's activations {format_gib(layer)} GiB + {'/'.join(map(str, inflight))} stage "
                             "output(s) in flight (no_grad)"))
     copies = 2 if tpar.lookahead else 1
     lines.append(MemoryLine("payload out", zeros_s + tuple(copies * per_replica * payload if st == pp_t - 1 else 0
