@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from distill_plugins.cli.eval import summary_lines
 from distill_plugins.cli.main import main
 from distill_plugins.data.instruct import collate_instruct, instruct_source
+from distill_plugins.engine import evaluation
 from distill_plugins.engine.evaluation import rouge_l_f1, rouge_l_scores
 from distill_plugins.errors import DistillError
 from distill_plugins.recipe.load import load_recipe
@@ -139,6 +140,17 @@ def test_eval_checkpoint_writes_json_and_metrics_line_and_matches_in_run(run, ck
     for key in ("eval_response_ce", "eval_kl", "eval_rouge_l", "eval_answer_tokens"):
         assert m4[key] == pytest.approx(in_run[key], rel=1e-6, abs=1e-9), key
     assert (run["root"] / "elsewhere" / "metrics.jsonl").is_file()
+
+
+def test_eval_no_generate_in_row_chunks_gives_the_same_ce_and_kl(run, ckpt_eval, monkeypatch):
+    monkeypatch.setattr(evaluation, "EVAL_CHUNK_ELEMENTS", 3 * 400)  # a few rows per chunk
+    out_json = run["root"] / "eval_chunks.json"
+    assert main(["eval", str(run["recipe"]), "--checkpoint", str(run["ckpt"]), "--no-generate",
+                 "--output", str(out_json)]) == 0
+    report = json.loads(out_json.read_text())
+    assert report["metrics"]["eval_rouge_l"] is None and report["examples"] == []
+    for key in ("eval_response_ce", "eval_teacher_response_ce", "eval_kl", "eval_response_tokens"):
+        assert report["metrics"][key] == pytest.approx(ckpt_eval["metrics"][key], rel=1e-6), key
 
 
 def test_eval_exported_model_gives_the_checkpoint_figures(run, ckpt_eval):

@@ -80,8 +80,8 @@ from distill_plugins.engine.stage import forward_backward
 from distill_plugins.engine.trainer import reduce_reports
 from distill_plugins.errors import DistillError, RecipeError
 from distill_plugins.logging import get_logger
-from distill_plugins.parallel import all_reduce_sum_, group_size, local_real_width, vocab_parallel_log_softmax, \
-    vocab_shard_start
+from distill_plugins.parallel import all_reduce_sum_, group_size, local_real_width, row_chunks, \
+    vocab_parallel_log_softmax, vocab_shard_start
 
 if TYPE_CHECKING:  # type-only: run.py imports callbacks, which imports this module
     from distill_plugins.engine.run import Engine
@@ -94,6 +94,8 @@ log = get_logger(__name__)
 #: held-out splits ``distill eval --split`` accepts
 EVAL_SPLITS = ("valid", "test")
 _SUM_KEYS = ("ce_sum", "teacher_ce_sum", "kl_sum", "response_tokens")
+#: fp32 elements of one row chunk of the teacher-forced pass (64 MiB per temporary)
+EVAL_CHUNK_ELEMENTS = 1 << 24
 
 
 # ---------------------------------------------------------------------------
@@ -210,14 +212,18 @@ class _TeacherForcedLoss:
         zero = torch.zeros((), dtype=torch.float64, device=s_logits.device)
         report = {k: zero.clone() for k in _SUM_KEYS}
         report["response_tokens"] = torch.tensor(float(y.numel()), dtype=torch.float64, device=s_logits.device)
-        logq = vocab_parallel_log_softmax(s_logits[mask], self.tp_group, self.vocab_size)
-        report["ce_sum"] = -_label_logprob(logq, y, self.tp_group).double().sum()
-        if self.teacher and output.teacher_logits is not None:
-            logp = vocab_parallel_log_softmax(output.teacher_logits[mask], self.tp_group, self.vocab_size)
-            report["teacher_ce_sum"] = -_label_logprob(logp, y, self.tp_group).double().sum()
-            w = local_real_width(logp.shape[-1], self.tp_group, self.vocab_size)
-            kl_local = (logp[:, :w].exp() * (logp[:, :w] - logq[:, :w])).sum(dim=-1)
-            report["kl_sum"] = all_reduce_sum_(kl_local, self.tp_group).double().sum()
+        student = s_logits[mask]
+        teacher = output.teacher_logits[mask] if self.teacher and output.teacher_logits is not None else None
+        # fp32 log-softmaxes of a few rows at a time: [rows, V_local] temporaries stay bounded for large vocabularies
+        for rows in row_chunks(student.shape[0], student.shape[-1], EVAL_CHUNK_ELEMENTS):
+            logq = vocab_parallel_log_softmax(student[rows], self.tp_group, self.vocab_size)
+            report["ce_sum"] -= _label_logprob(logq, y[rows], self.tp_group).double().sum()
+            if teacher is not None:
+                logp = vocab_parallel_log_softmax(teacher[rows], self.tp_group, self.vocab_size)
+                report["teacher_ce_sum"] -= _label_logprob(logp, y[rows], self.tp_group).double().sum()
+                w = local_real_width(logp.shape[-1], self.tp_group, self.vocab_size)
+                kl_local = (logp[:, :w].exp() * (logp[:, :w] - logq[:, :w])).sum(dim=-1)
+                report["kl_sum"] += all_reduce_sum_(kl_local, self.tp_group).double().sum()
         return zero.float(), torch.tensor(0, dtype=torch.int), report
 
 
