@@ -2,12 +2,12 @@
 
 ::
 
-    distill eval RECIPE --checkpoint PATH [key=value ...]      # a run checkpoint (step_N, checkpoints/ or the run dir)
-    distill eval RECIPE --model hf:/path/to/export [...]       # an exported model (also megatron:DIR, checkpoint:DIR)
+    distill eval RECIPE [key=value ...] --checkpoint PATH      # a run checkpoint (step_N, checkpoints/ or the run dir)
+    distill eval RECIPE [key=value ...] --model hf:DIR         # an exported model (also megatron:DIR, checkpoint:DIR)
         [--split valid|test] [--num-examples N] [--max-new-tokens N] [--batch-size N]
         [--output FILE] [--output-dir DIR] [--no-generate] [--cpu]
 
-The recipe says everything else: the data (``data.kind: instruct``), the
+Overrides come right after RECIPE, before the flags. The recipe says everything else: the data (``data.kind: instruct``), the
 teacher (built and loaded as in training; none with ``loss.kd_weight: 0``) and
 the parallel layout (TP/PP/DP; run under ``torchrun`` for more than one
 process, generation is collective). The student's shape and weights come from
