@@ -60,16 +60,6 @@ __all__ = ["check_aligner_contract", "check_fused_contract", "check_nonfinite_co
            "check_selector_contract", "check_temperature_contract"]
 
 
-def _build(cls_or_instance: Any, params: dict) -> Objective:
-    if isinstance(cls_or_instance, Objective):
-        if params:
-            raise TypeError("pass parameters only with a class, not with an instance")
-        return cls_or_instance
-    if isinstance(cls_or_instance, type) and issubclass(cls_or_instance, Objective):
-        return cls_or_instance(cls_or_instance.Config(**params))
-    raise TypeError(f"expected an Objective subclass or instance, got {cls_or_instance!r}")
-
-
 def _loss_and_grad(objective: Objective, s: torch.Tensor, t: torch.Tensor, **kw):
     s = s.detach().clone().requires_grad_(True)
     t = t.detach().clone().requires_grad_(True)
@@ -156,7 +146,7 @@ def check_fused_contract(cls_or_instance: Any, *, distributed: bool = True, n_ro
     Raises:
         AssertionError: naming the quantity that differs.
     """
-    objective = _build(cls_or_instance, params)
+    objective = _build_part(cls_or_instance, Objective, params)
     assert objective.supports_fused_output_layer, (
         f"{type(objective).__name__} does not set supports_fused_output_layer; nothing to check")
     if padded_vocab % 2 or not 0 < vocab_size <= padded_vocab:
@@ -208,7 +198,7 @@ def check_objective_contract(cls_or_instance: Any, *, distributed: bool = True, 
     Raises:
         AssertionError: naming the broken promise.
     """
-    objective = _build(cls_or_instance, params)
+    objective = _build_part(cls_or_instance, Objective, params)
     if padded_vocab % 2 or not 0 < vocab_size <= padded_vocab:
         raise ValueError("padded_vocab must be even and vocab_size in [1, padded_vocab]")
     gen = torch.Generator().manual_seed(seed)
@@ -340,7 +330,7 @@ def check_nonfinite_contract(cls_or_instance: Any, *, distributed: bool = True, 
     Raises:
         AssertionError: naming the case that broke the contract.
     """
-    objective = _build(cls_or_instance, params)
+    objective = _build_part(cls_or_instance, Objective, params)
     if padded_vocab % 2 or not padded_vocab // 2 < vocab_size <= padded_vocab or n_rows < 3:
         raise ValueError("need padded_vocab even, padded_vocab/2 < vocab_size <= padded_vocab and n_rows >= 3")
     gen = torch.Generator().manual_seed(seed)
@@ -398,13 +388,14 @@ _STEP_LOSSES = (2.0, 1.5, 1.6, 1.1, 1.15, 0.8, 0.95, 0.7, 0.72, 0.6)
 
 
 def _build_part(cls_or_instance: Any, base: type, params: dict) -> Any:
+    """``cls_or_instance`` itself, or the class built from ``Config(**params)``; a part of kind ``base``."""
     if isinstance(cls_or_instance, base):
         if params:
             raise TypeError("pass parameters only with a class, not with an instance")
         return cls_or_instance
     if isinstance(cls_or_instance, type) and issubclass(cls_or_instance, base):
         return cls_or_instance(cls_or_instance.Config(**params))
-    raise TypeError(f"expected a {base.__name__} subclass or instance, got {cls_or_instance!r}")
+    raise TypeError(f"expected a subclass or an instance of {base.__name__}, got {cls_or_instance!r}")
 
 
 def _fresh(part: Any) -> Any:
@@ -532,15 +523,36 @@ def _check_selection(selector: Any, ctx: Any, label: str) -> tuple:
     return keep, normalize_by, scores
 
 
-def _selector_tp_worker(rank: int, world_size: int, cls: type, config: Any, name: str, problem: dict,
-                        vocab_size: int, step: int, total_steps: int):
-    group = torch.distributed.group.WORLD
+def _token_part_setup(cls_or_instance: Any, base: type, kind: str, params: dict, *, n_rows: int, padded_vocab: int,
+                      vocab_size: int, seed: int) -> tuple[Any, str, dict, dict]:
+    """The part under test, its label, the test problem and the :func:`_token_context` keywords (selectors and
+    temperature policies)."""
+    part = _build_part(cls_or_instance, base, params)
+    if padded_vocab % 2 or not 0 < vocab_size <= padded_vocab:
+        raise ValueError("padded_vocab must be even and vocab_size in [1, padded_vocab]")
+    return (part, f"{kind} {part.name or type(part).__name__}", _token_problem(n_rows, padded_vocab, seed),
+            dict(vocab_size=vocab_size, step=3, total_steps=10))
+
+
+def _state_batches(n_rows: int, padded_vocab: int, vocab_size: int) -> Any:
+    """``(step, data rank) -> TokenContext`` of a problem of its own, the batches :func:`_check_state` feeds."""
+    return lambda step, data: _token_context(_token_problem(n_rows, padded_vocab, 1000 * data + step),
+                                             vocab_size=vocab_size, step=step, total_steps=len(_STEP_LOSSES) + 2)
+
+
+def _tp_part_context(rank: int, world_size: int, cls: type, config: Any, name: str, problem: dict, vocab_size: int,
+                     step: int, total_steps: int) -> tuple[Any, Any]:
+    """In a TP worker: the part built from its config and a context over this rank's vocabulary columns."""
     v_local = problem["s"].shape[1] // world_size
-    selector = cls(config)
-    selector.name = name
-    ctx = _token_context(problem, vocab_size=vocab_size, step=step, total_steps=total_steps, group=group,
-                         cols=slice(rank * v_local, (rank + 1) * v_local))
-    keep, normalize_by, scores = _select(selector, ctx)
+    part = cls(config)
+    part.name = name
+    ctx = _token_context(problem, vocab_size=vocab_size, step=step, total_steps=total_steps,
+                         group=torch.distributed.group.WORLD, cols=slice(rank * v_local, (rank + 1) * v_local))
+    return part, ctx
+
+
+def _selector_tp_worker(rank: int, world_size: int, *args: Any):
+    keep, normalize_by, scores = _select(*_tp_part_context(rank, world_size, *args))
     return {"keep": keep, "normalize_by": normalize_by, "scores": scores}
 
 
@@ -576,13 +588,9 @@ def check_selector_contract(cls_or_instance: Any, *, distributed: bool = True, n
     Raises:
         AssertionError: naming the broken promise.
     """
-    selector = _build_part(cls_or_instance, TokenSelector, params)
-    label = f"selector {selector.name or type(selector).__name__}"
-    if padded_vocab % 2 or not 0 < vocab_size <= padded_vocab:
-        raise ValueError("padded_vocab must be even and vocab_size in [1, padded_vocab]")
-    problem = _token_problem(n_rows, padded_vocab, seed)
-    kw = dict(vocab_size=vocab_size, step=3, total_steps=10)
-
+    selector, label, problem, kw = _token_part_setup(cls_or_instance, TokenSelector, "selector", params,
+                                                     n_rows=n_rows, padded_vocab=padded_vocab,
+                                                     vocab_size=vocab_size, seed=seed)
     ctx = _token_context(problem, **kw)
     before = {k: getattr(ctx, k).detach().clone() for k in ("student_logits", "teacher_logits", "reference_logits")}
     keep, normalize_by, scores = _check_selection(_fresh(selector), ctx, label)
@@ -596,9 +604,7 @@ def check_selector_contract(cls_or_instance: Any, *, distributed: bool = True, n
     empty = _select(_fresh(selector), _token_context(problem, rows=torch.arange(0), **kw))[0]
     assert isinstance(empty, torch.Tensor) and empty.shape == (0,), f"{label}: N=0 must give keep of shape [0]"
     _check_fused_stats(selector, label)
-    _check_state(selector, label, lambda p, c: _select(p, c)[0],
-                 lambda step, data: _token_context(_token_problem(n_rows, padded_vocab, 1000 * data + step), vocab_size=vocab_size,
-                                                   step=step, total_steps=len(_STEP_LOSSES) + 2))
+    _check_state(selector, label, lambda p, c: _select(p, c)[0], _state_batches(n_rows, padded_vocab, vocab_size))
 
     if distributed:
         results = run_distributed(_selector_tp_worker, 2, args=(type(selector), selector.config, selector.name,
@@ -637,15 +643,8 @@ def _check_temperatures(tau: Any, ctx: Any, label: str) -> None:
         assert math.isfinite(tau) and tau > 0, f"{label}: temperature {tau} must be finite and > 0"
 
 
-def _temperature_tp_worker(rank: int, world_size: int, cls: type, config: Any, name: str, problem: dict,
-                           vocab_size: int, step: int, total_steps: int):
-    group = torch.distributed.group.WORLD
-    v_local = problem["s"].shape[1] // world_size
-    policy = cls(config)
-    policy.name = name
-    ctx = _token_context(problem, vocab_size=vocab_size, step=step, total_steps=total_steps, group=group,
-                         cols=slice(rank * v_local, (rank + 1) * v_local))
-    return {"tau": _temperatures(policy, ctx)}
+def _temperature_tp_worker(rank: int, world_size: int, *args: Any):
+    return {"tau": _temperatures(*_tp_part_context(rank, world_size, *args))}
 
 
 def check_temperature_contract(cls_or_instance: Any, *, distributed: bool = True, n_rows: int = 12,
@@ -669,12 +668,9 @@ def check_temperature_contract(cls_or_instance: Any, *, distributed: bool = True
     Raises:
         AssertionError: naming the broken promise.
     """
-    policy = _build_part(cls_or_instance, TemperaturePolicy, params)
-    label = f"temperature policy {policy.name or type(policy).__name__}"
-    if padded_vocab % 2 or not 0 < vocab_size <= padded_vocab:
-        raise ValueError("padded_vocab must be even and vocab_size in [1, padded_vocab]")
-    problem = _token_problem(n_rows, padded_vocab, seed)
-    kw = dict(vocab_size=vocab_size, step=3, total_steps=10)
+    policy, label, problem, kw = _token_part_setup(cls_or_instance, TemperaturePolicy, "temperature policy", params,
+                                                   n_rows=n_rows, padded_vocab=padded_vocab, vocab_size=vocab_size,
+                                                   seed=seed)
     assert isinstance(policy.scale_loss_by_tau_squared, bool), (
         f"{label}: scale_loss_by_tau_squared must be a bool, got {policy.scale_loss_by_tau_squared!r}")
     ctx = _token_context(problem, **kw)
@@ -690,8 +686,7 @@ def check_temperature_contract(cls_or_instance: Any, *, distributed: bool = True
     _check_temperatures(_temperatures(_fresh(policy), empty_ctx), empty_ctx, f"{label} (N=0)")
     _check_fused_stats(policy, label)
     _check_state(policy, label, lambda p, c: as_tensor(_temperatures(p, c)),
-                 lambda step, data: _token_context(_token_problem(n_rows, padded_vocab, 1000 * data + step), vocab_size=vocab_size,
-                                                   step=step, total_steps=len(_STEP_LOSSES) + 2))
+                 _state_batches(n_rows, padded_vocab, vocab_size))
     if distributed:
         results = run_distributed(_temperature_tp_worker, 2, args=(type(policy), policy.config, policy.name,
                                                                    problem, vocab_size, 3, 10))
