@@ -23,7 +23,7 @@ Metrics (on the test split of the embedded corpus, :mod:`distill_plugins.demo.ev
 held-out cross-entropy; forward KL(teacher||student) and reverse
 KL(student||teacher); top-1 agreement with the teacher; ROUGE-L F1 of greedy
 continuations of held-out prompts against the true continuations
-(``rouge-score``; install with ``pip install 'distill-plugins[quality]'``).
+(``rouge-score``, a core dependency).
 
 Outputs: ``benchmarks/results/quality.md`` (table of means with min..max over
 seeds, and the command that produced it), ``quality.json`` (every run) and
@@ -275,12 +275,6 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"unknown method(s) {unknown}; --list shows the keys")
         methods = [m for m in methods if m.key in wanted]
-    if not args.no_rouge:
-        try:
-            import rouge_score  # noqa: F401
-        except ImportError:
-            parser.error("ROUGE-L needs rouge-score: pip install 'distill-plugins[quality]' (or pass --no-rouge)")
-
     from distill_plugins.data.embedded import build_embedded
     from distill_plugins.data.tokenizer import load_tokenizer
     from distill_plugins.demo.pipeline import DemoSettings, ensure_teacher

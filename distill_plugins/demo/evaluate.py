@@ -39,8 +39,8 @@ a reference (the next ``continuation_tokens`` tokens, decoded). The model
 continues the prompt greedily (argmax, full recomputation each step; the
 models are tiny) and stops at EOS; ROUGE-L F1 (``rouge-score``, no stemming,
 x100) compares the decoded continuation with the reference, as the CSD and
-AdaKD papers score responses. ``rouge-score`` is an optional dependency
-(``pip install 'distill-plugins[quality]'``); the demo table does not use it.
+AdaKD papers score responses (``rouge-score``, Google's reference
+implementation, a core dependency).
 
 Usage::
 
@@ -65,9 +65,20 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from megatron.core import parallel_state as ps
 
+from distill_plugins.checkpoint import run_checkpoint as ckpt
+from distill_plugins.data.indexed import read_documents
+from distill_plugins.data.instruct import InstructSource, collate_instruct
+from distill_plugins.data.tokenizer import Tokenizer
+from distill_plugins.engine import process_groups as dps
+from distill_plugins.engine.cpu import cpu_mode
+from distill_plugins.engine.evaluation import rouge_l_f1
+from distill_plugins.engine.generate import GenerationConfig, generate
 from distill_plugins.errors import DistillError, InputError
 from distill_plugins.logging import get_logger
+from distill_plugins.models import build as models
+from distill_plugins.models.megatron_ckpt import load_megatron_checkpoint
 from distill_plugins.recipe.schema import ModelSpec, ParallelSpec
 
 log = get_logger(__name__)
@@ -85,6 +96,10 @@ __all__ = [
     "greedy_continuations",
     "rouge_l",
     "HeldOutMetrics",
+    "InstructMetrics",
+    "instruct_batches",
+    "greedy_answers",
+    "instruct_metrics",
 ]
 
 PathLike = Union[str, Path]
@@ -108,11 +123,6 @@ def evaluation_context(seed: int = 1234) -> Iterator[None]:
     Reuses an already initialised TP=1, PP=1 state (nested use); tears down only
     what it created.
     """
-    from megatron.core import parallel_state as ps
-
-    from distill_plugins.engine import process_groups as dps
-    from distill_plugins.engine.cpu import cpu_mode
-
     with cpu_mode(), warnings.catch_warnings():
         for pattern in _QUIET_WARNINGS:  # megatron's notices about optional CUDA packages and deprecations
             warnings.filterwarnings("ignore", message=f".*{re.escape(pattern)}")
@@ -130,8 +140,6 @@ def evaluation_context(seed: int = 1234) -> Iterator[None]:
 
 def build_eval_model(spec: ModelSpec, *, vocab_size: int, who: str = "model") -> torch.nn.Module:
     """A TP=1 GPTModel for ``spec`` in eval mode without gradients (inside :func:`evaluation_context`)."""
-    from distill_plugins.models import build as models
-
     model = models.build_gpt_model(spec, EVAL_PARALLEL, vocab_size=vocab_size, cpu=True, who=who)
     model.eval()
     for p in model.parameters():
@@ -154,8 +162,6 @@ def find_final_checkpoint(path: PathLike) -> Path:
     Raises:
         InputError: nothing valid found.
     """
-    from distill_plugins.checkpoint import run_checkpoint as ckpt
-
     path = Path(path).expanduser()
     if (path / ckpt.METADATA).is_file():
         return path
@@ -181,8 +187,6 @@ def _strip_wrappers(state: dict) -> dict:
 
 def _merge_tp_shards(model: torch.nn.Module, shards: Sequence[dict]) -> dict[str, torch.Tensor]:
     """Full-convention weights (see :mod:`distill_plugins.models.build`) from per-TP-rank state dicts."""
-    from distill_plugins.models import build as models
-
     layout = models.model_layout(model)
     tied = bool(getattr(model, "share_embeddings_and_output_weights", False))
     gated = bool(getattr(model.config, "gated_linear_unit", False))
@@ -224,13 +228,8 @@ def load_run_weights(model: torch.nn.Module, path: PathLike) -> Path:
     Raises:
         InputError: no checkpoint; DistillError: a layout it cannot merge or a shape mismatch.
     """
-    from distill_plugins.checkpoint import run_checkpoint as ckpt
-    from distill_plugins.models import build as models
-
     found = find_final_checkpoint(path)
     if (found / "model_dist").is_dir():
-        from distill_plugins.models.megatron_ckpt import load_megatron_checkpoint
-
         load_megatron_checkpoint(model, str(found))
         return found
     meta = ckpt.read_metadata(found)
@@ -258,8 +257,6 @@ def load_run_weights(model: torch.nn.Module, path: PathLike) -> Path:
 
 def heldout_windows(prefix: PathLike, seq_length: int, *, max_windows: Optional[int] = None) -> torch.Tensor:
     """Non-overlapping ``[N, seq_length + 1]`` windows over an indexed dataset's documents (module docstring)."""
-    from distill_plugins.data.indexed import read_documents
-
     docs = read_documents(prefix)
     stream = np.concatenate(docs).astype(np.int64) if docs else np.zeros(0, dtype=np.int64)
     n = (len(stream) - 1) // seq_length
@@ -278,8 +275,6 @@ def heldout_prompts(prefix: PathLike, *, prompt_tokens: int, continuation_tokens
     Takes the first ``max_prompts`` documents (file order, deterministic) with at
     least ``prompt_tokens + continuation_tokens`` tokens before their EOS.
     """
-    from distill_plugins.data.indexed import read_documents
-
     prompts, refs = [], []
     for doc in read_documents(prefix):
         doc = doc.astype(np.int64)[:-1]  # drop the EOS the writer appended
@@ -379,23 +374,154 @@ def greedy_continuations(model: torch.nn.Module, prompts: torch.Tensor, *, new_t
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Mean ROUGE-L F1 (x100) of ``predictions`` against ``references`` (``rouge-score``, no stemming).
+    """Mean ROUGE-L F1 (x100) of ``predictions`` against ``references``; NaN for no pairs.
+
+    :func:`distill_plugins.engine.evaluation.rouge_l_f1` (``rouge-score``, no
+    stemming), the function ``distill eval`` reports with.
 
     Raises:
-        InputError: ``rouge-score`` is not installed.
+        DistillError: the two lists differ in length.
     """
-    try:
-        from rouge_score import rouge_scorer
-    except ImportError as exc:
-        raise InputError("ROUGE-L needs the rouge-score package: pip install 'distill-plugins[quality]' "
-                         "(or pip install rouge-score)") from exc
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-    if not predictions:
+    if not predictions and not references:
         return float("nan")
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
-    return 100.0 * float(np.mean(scores))
+    return rouge_l_f1(predictions, references)
+
+
+# ---------------------------------------------------------------------------
+# Instruction task: response-only metrics and greedy answers
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class InstructMetrics:
+    """Held-out instruction metrics of one model (:func:`instruct_metrics`).
+
+    Attributes:
+        response_ce: mean ``-log q(label)`` over the reference response tokens (nats per token).
+        teacher_response_ce: the same for the teacher (None without one).
+        fkl: mean ``KL(p || q)`` over the same positions (teacher ``p``, student ``q``).
+        rkl: mean ``KL(q || p)``.
+        rouge_l: mean ROUGE-L F1 (x100) of the greedy answers against the references (None: not generated).
+        examples: held-out examples scored.
+        response_tokens: labelled positions the token means run over.
+        answer_tokens: mean generated tokens per answer (EOS included when emitted).
+        samples: the first few ``{"prompt", "reference", "answer"}`` triples.
+    """
+
+    response_ce: float
+    teacher_response_ce: Optional[float]
+    fkl: Optional[float]
+    rkl: Optional[float]
+    rouge_l: Optional[float]
+    examples: int
+    response_tokens: int
+    answer_tokens: Optional[float] = None
+    samples: tuple = ()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def instruct_batches(source: InstructSource, *, batch_size: int = 32,
+                     max_examples: Optional[int] = None) -> Iterator[dict]:
+    """Every held-out example of ``source`` once, as batches of :func:`~distill_plugins.data.instruct.collate_instruct`.
+
+    Global samples ``0 .. N-1`` are one epoch, so each example appears exactly
+    once (in the split's seeded order); ``max_examples`` keeps the first ones.
+    """
+    n = source.num_samples if max_examples is None else min(source.num_samples, max_examples)
+    for i in range(0, n, batch_size):
+        yield collate_instruct(source, range(i, min(n, i + batch_size)))
+
+
+@torch.no_grad()
+def greedy_answers(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                   eos_id: int, vocab_size: int, batch_size: int = 64) -> list[list[int]]:
+    """Greedy answers of a TP=1 model (inside :func:`evaluation_context`) to token-id ``prompts``.
+
+    Uses :func:`distill_plugins.engine.generate.generate` (KV cache, per-row
+    prompt lengths, stop at EOS). Prompts are batched by length (a batch's
+    prompts differing in length are fed one position at a time past the
+    shortest, so similar lengths keep the prefill long); greedy answers do not
+    depend on the batch. Returns the generated ids per prompt in the given
+    order, the EOS removed.
+    """
+    config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=eos_id)
+    order = sorted(range(len(prompts)), key=lambda j: len(prompts[j]))
+    out: list[list[int]] = [[] for _ in prompts]
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        chunk = [list(map(int, prompts[j])) for j in rows]
+        for j, row in zip(rows, generate(model, chunk, config, vocab_size=vocab_size).responses()):
+            out[j] = row[:-1] if row and row[-1] == eos_id else row
+    return out
+
+
+@torch.no_grad()
+def instruct_metrics(student: torch.nn.Module, teacher: Optional[torch.nn.Module], source: InstructSource,
+                     tokenizer: Tokenizer, *, vocab_size: int, max_new_tokens: int = 64, generate_answers: bool = True,
+                     max_examples: Optional[int] = None, batch_size: int = 32,
+                     num_samples: int = 3) -> InstructMetrics:
+    """Response CE, KL to the teacher and ROUGE-L of greedy answers on a held-out instruction split.
+
+    With student ``q`` and teacher ``p`` (fp32, real vocabulary), over the
+    positions ``i`` whose label is a reference response token (``labels[i] !=
+    -100``: the prompt and the padding are excluded, as in training):
+
+    * ``response_ce = mean_i -log q_i(label_i)``;
+    * ``fkl = mean_i sum_v p_i,v (log p_i,v - log q_i,v)``, ``rkl`` the reverse;
+
+    all teacher-forced on the reference. Then every prompt (everything before
+    the response, its last ``seq_length`` tokens) is answered greedily (up to
+    ``max_new_tokens``, stopping at EOS), the answer decoded and scored
+    against the untruncated reference response with :func:`rouge_l`
+    (``distill eval``'s :func:`~distill_plugins.engine.evaluation.rouge_l_f1`).
+
+    Args:
+        student: the model scored (TP=1, from :func:`build_eval_model`).
+        teacher: the reference for the KL columns, or None.
+        source: the held-out split (:func:`distill_plugins.data.instruct.instruct_source`).
+        tokenizer: decodes answers.
+        vocab_size: real vocabulary size (padded columns are dropped).
+        max_new_tokens: answer length limit.
+        generate_answers: False skips generation (``rouge_l`` is None).
+        max_examples: score only the first examples (None: the whole split).
+    """
+    sums = dict(ce=0.0, tce=0.0, fkl=0.0, rkl=0.0)
+    count = examples = 0
+    for batch in instruct_batches(source, batch_size=batch_size, max_examples=max_examples):
+        tokens, labels = batch["tokens"], batch["labels"]
+        mask = labels != -100
+        y = labels[mask]
+        logq = torch.log_softmax(model_logits(student, tokens, vocab_size)[mask], dim=-1)
+        sums["ce"] -= logq.gather(1, y[:, None]).sum().item()
+        if teacher is not None:
+            logp = torch.log_softmax(model_logits(teacher, tokens, vocab_size)[mask], dim=-1)
+            sums["tce"] -= logp.gather(1, y[:, None]).sum().item()
+            sums["fkl"] += (logp.exp() * (logp - logq)).sum().item()
+            sums["rkl"] += (logq.exp() * (logq - logp)).sum().item()
+        count += int(y.numel())
+        examples += len(tokens)
+    if count == 0:
+        raise InputError(f"{source.description} ({source.split}): no response token to score")
+    has_t = teacher is not None
+    rouge = answer_tokens = None
+    samples: list[dict] = []
+    if generate_answers:
+        order = [source.example_index(i) for i in range(examples)]
+        prompts = [source.prompts[k] for k in order]
+        answers = greedy_answers(student, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
+                                 vocab_size=vocab_size)
+        texts = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]  # as distill eval decodes
+        refs = [source.references[k] for k in order]
+        rouge = rouge_l(texts, refs)
+        answer_tokens = float(np.mean([len(a) for a in answers]))
+        samples = [{"prompt": tokenizer.decode(list(map(int, prompts[j]))), "reference": refs[j], "answer": texts[j]}
+                   for j in range(min(num_samples, len(texts)))]
+    return InstructMetrics(response_ce=sums["ce"] / count, teacher_response_ce=sums["tce"] / count if has_t else None,
+                           fkl=sums["fkl"] / count if has_t else None, rkl=sums["rkl"] / count if has_t else None,
+                           rouge_l=rouge, examples=examples, response_tokens=count, answer_tokens=answer_tokens,
+                           samples=tuple(samples))
 
 
 def read_metrics(path: PathLike) -> list[dict]:

@@ -117,10 +117,12 @@ def curve_series(records: Sequence[Mapping[str, Any]], keys: Sequence[str], *, r
 
 def _pyplot():
     """``matplotlib.pyplot`` on the ``Agg`` backend (selected before pyplot is imported; no display needed)."""
+    # matplotlib is imported when a figure is drawn, not with this module: the Agg backend must be selected
+    # before pyplot loads, and selecting it at import would switch the backend of any program importing the tables
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"), see the comment above
 
     return plt
 
@@ -155,7 +157,8 @@ def _smooth(values: Sequence[float], window: int) -> list[float]:
 
 def plot_loss_curves(runs: Mapping[str, PathLike], out: PathLike, *, title: str = "",
                      reference: Optional[Mapping[str, float]] = None,
-                     final: Optional[Mapping[str, tuple[int, float]]] = None) -> Path:
+                     final: Optional[Mapping[str, tuple[int, float]]] = None,
+                     ce_title: Optional[str] = None) -> Path:
     """Write a PNG with, per run, its training objective and its student cross-entropy curves.
 
     Args:
@@ -167,6 +170,7 @@ def plot_loss_curves(runs: Mapping[str, PathLike], out: PathLike, *, title: str 
         final: per run label, ``(step, held-out CE)`` of the final evaluation, drawn
             as a marker in the CE panel (every run gets one, even when its
             metrics hold no cross-entropy because it trained on KD alone).
+        ce_title: title of the CE panel (default: cross-entropy on real next tokens).
 
     Returns:
         ``out`` as a Path.
@@ -198,7 +202,7 @@ def plot_loss_curves(runs: Mapping[str, PathLike], out: PathLike, *, title: str 
     ax_loss.set_xlabel("optimizer step")
     ax_loss.set_ylabel("loss")
     ax_loss.set_yscale("log")
-    ax_ce.set_title("student cross-entropy on real next tokens")
+    ax_ce.set_title(ce_title or "student cross-entropy on real next tokens")
     ax_ce.set_xlabel("optimizer step")
     ax_ce.set_ylabel("nats / token")
     for ax in axes:
