@@ -196,11 +196,17 @@ def build_data(recipe, *, dp_rank: int, dp_size: int, consumed_samples: int = 0,
     if recipe.data.kind == "instruct":
         return build_instruct_data(recipe, dp_rank=dp_rank, dp_size=dp_size, consumed_samples=consumed_samples,
                                    split=split)
-    source = build_sources(recipe, dp_size=dp_size, splits=(split,))[split]
-    if source is None:
-        raise InputError(f"data has no {split} split (data.split={recipe.data.split!r})")
+    source = _split_source(recipe, dp_size, split, "")
     return MicrobatchIterator(source, micro_batch_size=recipe.training.micro_batch_size, dp_rank=dp_rank,
                               dp_size=dp_size, consumed_samples=consumed_samples, kind=recipe.data.kind, split=split)
+
+
+def _split_source(recipe, dp_size: int, split: str, purpose: str):
+    """The source of one split; InputError when ``data.split`` gives it no documents (``purpose`` says what for)."""
+    source = build_sources(recipe, dp_size=dp_size, splits=(split,))[split]
+    if source is None:
+        raise InputError(f"data has no {split} split{purpose} (data.split={recipe.data.split!r})")
+    return source
 
 
 class EvalData:
@@ -229,9 +235,7 @@ def build_eval_data(recipe, *, dp_rank: int, dp_size: int, split: str = "valid",
     if recipe.data.kind == "instruct":
         return build_instruct_eval_data(recipe, dp_rank=dp_rank, dp_size=dp_size, split=split,
                                         num_microbatches=num_microbatches)
-    source = build_sources(recipe, dp_size=dp_size, splits=(split,))[split]
-    if source is None:
-        raise InputError(f"data has no {split} split for evaluation (data.split={recipe.data.split!r})")
+    source = _split_source(recipe, dp_size, split, " for evaluation")
     n = num_microbatches if num_microbatches is not None else recipe.training.eval_batches
     return EvalData(source, micro_batch_size=recipe.training.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                     num_microbatches=n, kind=recipe.data.kind, split=split)
