@@ -24,11 +24,24 @@ import argparse
 import dataclasses
 import json
 import sys
+import typing
+import warnings
 from typing import Optional, Sequence
 
+from distill_plugins.cli import data as data_cli
+from distill_plugins.cli import demo as demo_cli
+from distill_plugins.cli import eval as eval_cli
+from distill_plugins.cli import export as export_cli
+from distill_plugins.cli import plan as plan_cli
+from distill_plugins.cli.args import IntermixedParser
 from distill_plugins.config import field_docs, type_name
+from distill_plugins.engine.signals import install_stop_handlers
 from distill_plugins.errors import DistillError
 from distill_plugins.logging import configure_logging
+from distill_plugins.manager import build_plugin_host
+from distill_plugins.recipe.load import load_recipe
+from distill_plugins.recipe.record import plugin_table
+from distill_plugins.recipe.summary import describe_recipe
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -39,9 +52,6 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _cmd_plugins_list(args: argparse.Namespace) -> int:
-    from distill_plugins.manager import build_plugin_host
-    from distill_plugins.recipe.record import plugin_table
-
     host = build_plugin_host(args.plugin)
     rows = plugin_table(host)
     if args.json:
@@ -52,8 +62,6 @@ def _cmd_plugins_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_plugins_show(args: argparse.Namespace) -> int:
-    from distill_plugins.manager import build_plugin_host
-
     host = build_plugin_host(args.plugin)
     kinds = [args.kind] if args.kind else sorted(host.registries)
     found = [host.registry(k).get(args.name) for k in kinds if args.name in host.registry(k)]
@@ -82,8 +90,6 @@ def _cmd_plugins_show(args: argparse.Namespace) -> int:
 
 
 def _hint(cls: type, name: str):
-    import typing
-
     return typing.get_type_hints(cls)[name]
 
 
@@ -101,9 +107,6 @@ def _print_table(rows: list[dict], columns: list[str]) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from distill_plugins.recipe.load import load_recipe
-    from distill_plugins.recipe.summary import describe_recipe
-
     recipe, host = load_recipe(args.recipe, args.overrides)
     for line in describe_recipe(recipe, host):
         print(line)
@@ -112,15 +115,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    # signals needs only torch, loaded already; the engine (megatron) is imported after the handlers are in place
-    from distill_plugins.engine.signals import install_stop_handlers
-    from distill_plugins.recipe.load import load_recipe
-
     install_stop_handlers()  # before the slow start-up: a SIGUSR1/SIGTERM from now on ends the run cleanly
     overrides = list(args.overrides)
     if args.cpu:
         overrides.append("device=cpu")
     recipe, host = load_recipe(args.recipe, overrides)
+    # megatron is imported here, after the stop handlers are in place (its import takes seconds)
     from distill_plugins.engine.run import run
 
     return run(recipe, host, cpu=recipe.device == "cpu")
@@ -133,7 +133,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description="Knowledge distillation for megatron-core.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=IntermixedParser)
 
     plugins = sub.add_parser("plugins", help="list or describe registered parts")
     plugins_sub = plugins.add_subparsers(dest="plugins_command", required=True)
@@ -159,17 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cpu", action="store_true", help="dry run on CPU with gloo (same as device=cpu)")
     run.set_defaults(func=_cmd_run)
 
-    import importlib
-
-    for module_name in ("distill_plugins.cli.data", "distill_plugins.cli.plan", "distill_plugins.cli.demo",
-                        "distill_plugins.cli.export", "distill_plugins.cli.eval"):
-        importlib.import_module(module_name).add_parser(sub)
+    for command in (data_cli, plan_cli, demo_cli, export_cli, eval_cli):
+        command.add_parser(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import warnings
-
     # megatron-core warns at import when the GPU-only extras are absent; on CPU that is expected
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     configure_logging()

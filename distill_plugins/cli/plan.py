@@ -33,25 +33,6 @@ from distill_plugins.recipe.schema import Recipe, parse_recipe, split_parts
 EXIT_OK, EXIT_REFUSED = 0, 2
 
 
-class _IntermixedParser(argparse.ArgumentParser):
-    """Accepts ``key=value`` overrides after the options (``plan R --nodes 2 k=v``).
-
-    Plain argparse stops filling a ``nargs="*"`` positional at the first option, so
-    the subcommand parses intermixed (positionals and options in any order).
-    """
-
-    _intermixing = False
-
-    def parse_known_args(self, args=None, namespace=None):
-        if self._intermixing:
-            return super().parse_known_args(args, namespace)
-        self._intermixing = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._intermixing = False
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``plan`` subcommand to ``distill``'s subparsers."""
     parser = subparsers.add_parser(
@@ -68,7 +49,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="flash (fused attention: no stored score matrix; the default with Transformer "
                              "Engine) or unfused (adds 5*a*s^2*b bytes per layer)")
     parser.set_defaults(func=run_plan)
-    parser.__class__ = _IntermixedParser
     return parser
 
 
