@@ -62,7 +62,6 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import torch.distributed as dist
 
-from distill_plugins.engine.evaluation import evaluate_instruct, held_out_source
 from distill_plugins.engine.signals import StopSignals
 from distill_plugins.engine.trainer import StepResult
 from distill_plugins.logging import get_logger
@@ -236,9 +235,14 @@ class ProgressLog(Callback):
                  "  SKIPPED (non-finite)" if result.skipped else "")
 
     def on_eval(self, engine: "Engine", metrics: Mapping[str, float]) -> None:
-        if self.writer:
-            log.info("eval @ step %d  kd %.4f  ce %.4f  tokens %d", engine.trainer.step, metrics["eval_kd_loss"],
-                     metrics["eval_ce_loss"], int(metrics["eval_tokens"]))
+        if not self.writer:
+            return
+        log.info("eval @ step %d  kd %.4f  ce %.4f  tokens %d", engine.trainer.step, metrics["eval_kd_loss"],
+                 metrics["eval_ce_loss"], int(metrics["eval_tokens"]))
+        if "eval_rouge_l" in metrics:  # training.eval_generate: the generation-based figures of docs/eval.md
+            kl = "n/a" if metrics["eval_kl"] is None else f"{metrics['eval_kl']:.4f}"
+            log.info("eval @ step %d  response ce %.4f  kl %s  rouge-L %.2f  examples %d", engine.trainer.step,
+                     metrics["eval_response_ce"], kl, metrics["eval_rouge_l"], int(metrics["eval_examples"]))
 
 
 class PluginObservers(Callback):
@@ -265,36 +269,16 @@ class PluginObservers(Callback):
 class EvaluationSchedule(Callback):
     """Asks for an evaluation every ``interval`` steps (``training.eval_interval``; 0 never).
 
-    With ``training.eval_generate: N`` (instruction data), each evaluation is
-    followed by the generation-based one of ``distill eval``
-    (:func:`~distill_plugins.engine.evaluation.evaluate_instruct` on the first
-    ``N`` valid examples, ``training.eval_max_new_tokens``; collective): its
-    ``eval_response_ce``, ``eval_kl``, ``eval_rouge_l``, ... go to
-    ``metrics.jsonl`` as a second line of the step and to the log (docs/eval.md).
+    With ``training.eval_generate: N`` (instruction data) the evaluation also
+    generates (:meth:`~distill_plugins.engine.run.Engine.evaluate`; docs/eval.md).
     """
 
     def __init__(self, interval: int):
         self.interval = interval
-        self._source = None  # the held-out split, built at the first generating evaluation
 
     def on_step_end(self, engine: "Engine", result: StepResult) -> None:
         if self.interval and result.step % self.interval == 0:
             engine.control.evaluate = True
-
-    def on_eval(self, engine: "Engine", metrics: Mapping[str, float]) -> None:
-        t = engine.recipe.training
-        if not t.eval_generate:
-            return
-        if self._source is None:
-            self._source = held_out_source(engine.recipe, "valid")
-        result = evaluate_instruct(engine, source=self._source, num_examples=t.eval_generate,
-                                   max_new_tokens=t.eval_max_new_tokens)
-        engine.metrics.append({"step": engine.trainer.step, **result.metrics})
-        m = result.metrics
-        if global_rank() == 0:
-            kl = "n/a" if m["eval_kl"] is None else f"{m['eval_kl']:.4f}"
-            log.info("eval @ step %d  response ce %.4f  kl %s  rouge-L %.2f  examples %d", engine.trainer.step,
-                     m["eval_response_ce"], kl, m["eval_rouge_l"], int(m["eval_examples"]))
 
 
 class CheckpointSchedule(Callback):

@@ -67,6 +67,7 @@ from distill_plugins.engine.alignment import AlignerRuntime
 from distill_plugins.engine.callbacks import (Callback, CheckpointSchedule, EvaluationSchedule, LoopControl,
                                               MetricsLog, PluginObservers, ProgressLog, StopOnSignal, global_rank)
 from distill_plugins.engine.cpu import enable_cpu_mode
+from distill_plugins.engine.evaluation import evaluate_instruct, held_out_source
 from distill_plugins.engine.loss import build_loss_parts
 from distill_plugins.engine.remote_teacher import start_separate
 from distill_plugins.engine.sequences import SequenceRuntime
@@ -199,6 +200,7 @@ class Engine:
                                            CheckpointSchedule(recipe.checkpoint.interval),
                                            StopOnSignal(self.signals, output_dir=recipe.output_dir)]
         self._eval_data = None
+        self._generation_source = None  # the held-out instruction split, built at the first generating evaluation
         if self.resume_path is not None:
             self.load(self.resume_path, checked=True)
 
@@ -257,10 +259,24 @@ class Engine:
         return 0
 
     def evaluate(self) -> dict[str, float]:
-        """Forward-only pass over the ``valid`` split (built once); the figures, identical on every rank."""
+        """Forward-only pass over the ``valid`` split (built once); the figures, identical on every rank.
+
+        With ``training.eval_generate: N`` (instruction data) the same evaluation also runs
+        :func:`~.evaluation.evaluate_instruct` on the first ``N`` valid examples (greedy answers,
+        ``training.eval_max_new_tokens``; collective) and adds its ``eval_response_ce``, ``eval_kl``,
+        ``eval_rouge_l``, ... to the figures: one ``metrics.jsonl`` line per evaluation (docs/eval.md).
+        """
         if self._eval_data is None:
             self._eval_data = self._build_data(split="valid", eval=True)
-        return self.trainer.evaluate(self._eval_data)
+        metrics = self.trainer.evaluate(self._eval_data)
+        t = self.recipe.training
+        if t.eval_generate:
+            if self._generation_source is None:
+                self._generation_source = held_out_source(self.recipe, "valid")
+            result = evaluate_instruct(self, source=self._generation_source, num_examples=t.eval_generate,
+                                       max_new_tokens=t.eval_max_new_tokens)
+            metrics.update(result.metrics)
+        return metrics
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
