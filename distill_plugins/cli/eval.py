@@ -7,7 +7,7 @@
         [--split valid|test] [--num-examples N] [--max-new-tokens N] [--batch-size N]
         [--output FILE] [--output-dir DIR] [--no-generate] [--cpu]
 
-Overrides come right after RECIPE, before the flags. The recipe says everything else: the data (``data.kind: instruct``), the
+Overrides may stand anywhere after RECIPE. The recipe says everything else: the data (``data.kind: instruct``), the
 teacher (built and loaded as in training; none with ``loss.kd_weight: 0``) and
 the parallel layout (TP/PP/DP; run under ``torchrun`` for more than one
 process, generation is collective). The student's shape and weights come from
