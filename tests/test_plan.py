@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from distill_plugins.cli import main
+from distill_plugins.cli.main import build_parser
 from distill_plugins.cli.plan import plan_recipe
 from distill_plugins.errors import RecipeError
 from distill_plugins.manager import NO_ENTRY_POINTS_ENV
@@ -218,3 +219,15 @@ def test_every_cluster_recipe_plans_and_fits_its_named_layout():
         assert report.ok, report.format()
         header = path.read_text().split("\n\n")[0]
         assert f"sbatch --nodes={nodes} --gpus-per-node={gpus}" in header and str(path.relative_to(ROOT)) in header
+
+
+def test_every_subcommand_takes_overrides_before_or_after_its_options():
+    """``distill eval R --checkpoint P k=v`` and ``distill eval R k=v --checkpoint P`` parse the same."""
+    parser = build_parser()
+    for argv in (["eval", "r.yaml", "--checkpoint", "ck", "training.seed=3", "--no-generate"],
+                 ["eval", "r.yaml", "training.seed=3", "--checkpoint", "ck", "--no-generate"]):
+        args = parser.parse_args(argv)
+        assert (args.recipe, args.checkpoint, args.overrides, args.no_generate) == ("r.yaml", "ck", ["training.seed=3"], True)
+    args = parser.parse_args(["run", "r.yaml", "--cpu", "a=1", "b=2"])
+    assert args.overrides == ["a=1", "b=2"] and args.cpu
+    assert parser.parse_args(["plugins", "list", "--json"]).json  # nested subcommands still parse
