@@ -48,7 +48,9 @@ policies and same-tokenizer aligners see an ordinary instruction batch.
 
 Figures of a step (:meth:`SequenceRuntime.rollout`; identical on every rank):
 
-* ``gen_s``: wall seconds spent generating and rebuilding (the maximum over all ranks);
+* ``gen_s``: wall seconds spent planning, generating and rebuilding, the minimum over all ranks:
+  the ranks reach the step at slightly different times and wait for each other in
+  generation's first collective, so the last to arrive measures the generation itself;
 * ``generated_tokens``: tokens generated over the data-parallel replicas (an emitted EOS counts);
 * ``on_policy_fraction``: examples whose response was generated (student or teacher) / examples.
 
@@ -317,13 +319,13 @@ class SequenceRuntime:
         return generate(model, prompts, config, context=self.ctx, seeds=seeds)
 
     def _figures(self, elapsed: float, generated: int, on_policy: int, examples: int) -> dict[str, float]:
-        """DP sums of the counts, the world maximum of the time: the same figures on every rank."""
+        """DP sums of the counts, the world minimum of the time (module docstring): the same on every rank."""
         counts = torch.tensor([float(generated), float(on_policy), float(examples)], dtype=torch.float64)
         if group_size(self.ctx.dp_group) > 1:
             dist.all_reduce(counts, group=self.ctx.dp_group)
         wall = torch.tensor([elapsed], dtype=torch.float64)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(wall, op=dist.ReduceOp.MAX)
+            dist.all_reduce(wall, op=dist.ReduceOp.MIN)
         gen, on, n = counts.tolist()
         return {"gen_s": float(wall.item()), "generated_tokens": gen, "on_policy_fraction": on / n if n else 0.0}
 
