@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -68,3 +70,15 @@ def write_json_atomic(path: PathLike, data: Any) -> None:
     """Write ``data`` as indented, key-sorted JSON through :func:`atomic_path`."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def embedded_cache_key(name: str, version: int, include: Optional[Sequence[str]] = None) -> str:
+    """The cache folder name of an embedded dataset built from this Python's standard library.
+
+    ``<name>-py<X.Y.Z>-v<version>``, plus ``-subset-<10 hex>`` (SHA-256 of the module list) when only
+    ``include``'d modules are read: a new Python, a new builder version or another subset is another folder.
+    """
+    key = f"{name}-py{'.'.join(map(str, sys.version_info[:3]))}-v{version}"
+    if include is not None:
+        key += "-subset-" + hashlib.sha256("\n".join(include).encode()).hexdigest()[:10]
+    return key

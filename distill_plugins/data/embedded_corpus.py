@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from ..logging import get_logger, global_rank
-from .cache import PathLike, atomic_path, cache_dir, file_lock, write_json_atomic
+from .cache import PathLike, atomic_path, cache_dir, embedded_cache_key, file_lock, write_json_atomic
 from .progress import Progress
 
 __all__ = ["CORPUS_VERSION", "SPLITS", "EmbeddedCorpus", "build_embedded_corpus", "documents_of_file",
@@ -180,14 +180,6 @@ class EmbeddedCorpus:
                 yield json.loads(line)["text"]
 
 
-def _corpus_key(include: Optional[Sequence[str]]) -> str:
-    version = ".".join(map(str, sys.version_info[:3]))
-    key = f"stdlib-py{version}-v{CORPUS_VERSION}"
-    if include is not None:
-        key += "-subset-" + hashlib.sha256("\n".join(include).encode()).hexdigest()[:10]
-    return key
-
-
 def build_embedded_corpus(cache: Optional[PathLike] = None, *, include: Optional[Sequence[str]] = None,
                           root: Optional[PathLike] = None, progress: Optional[bool] = None) -> EmbeddedCorpus:
     """Build (or find) the JSONL splits of the embedded corpus.
@@ -199,7 +191,7 @@ def build_embedded_corpus(cache: Optional[PathLike] = None, *, include: Optional
         progress: show progress on stderr (default: on global rank 0 only).
     """
     progress = global_rank() == 0 if progress is None else progress
-    directory = Path(cache if cache is not None else cache_dir()) / "embedded" / _corpus_key(include)
+    directory = Path(cache if cache is not None else cache_dir()) / "embedded" / embedded_cache_key("stdlib", CORPUS_VERSION, include)
     manifest_path = directory / "manifest.json"
     with file_lock(directory / ".lock"):
         if not manifest_path.is_file():

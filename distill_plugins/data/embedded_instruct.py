@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..logging import get_logger, global_rank
-from .cache import PathLike, atomic_path, cache_dir, file_lock, write_json_atomic
+from .cache import PathLike, atomic_path, cache_dir, embedded_cache_key, file_lock, write_json_atomic
 from .embedded_corpus import SPLITS, stdlib_files, stdlib_root
 from .progress import Progress
 
@@ -177,14 +177,6 @@ class EmbeddedInstruct:
     manifest: dict
 
 
-def _task_key(include: Optional[Sequence[str]]) -> str:
-    version = ".".join(map(str, sys.version_info[:3]))
-    key = f"instruct-py{version}-v{INSTRUCT_VERSION}"
-    if include is not None:
-        key += "-subset-" + hashlib.sha256("\n".join(include).encode()).hexdigest()[:10]
-    return key
-
-
 def build_embedded_instruct(cache: Optional[PathLike] = None, *, include: Optional[Sequence[str]] = None,
                             root: Optional[PathLike] = None, progress: Optional[bool] = None) -> EmbeddedInstruct:
     """Build (or find) the three JSONL splits of the embedded instruction task.
@@ -197,7 +189,7 @@ def build_embedded_instruct(cache: Optional[PathLike] = None, *, include: Option
     """
     progress = global_rank() == 0 if progress is None else progress
     root = Path(root) if root is not None else stdlib_root()
-    directory = Path(cache if cache is not None else cache_dir()) / "embedded" / _task_key(include)
+    directory = Path(cache if cache is not None else cache_dir()) / "embedded" / embedded_cache_key("instruct", INSTRUCT_VERSION, include)
     manifest_path = directory / "manifest.json"
     with file_lock(directory / ".lock"):
         if not manifest_path.is_file():

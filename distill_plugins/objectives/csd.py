@@ -49,12 +49,14 @@ __all__ = ["CSD"]
 WEIGHTS = ("U", "S", "T")
 
 
-def _check_weight(key: str, value: object) -> None:
+def check_weight_name(key: str, value: object) -> None:
+    """``value`` is one of the weight names U (uniform), S (student), T (teacher); ValueError naming ``key`` if not."""
     if value not in WEIGHTS:
         raise ValueError(f"{key}={value!r} is not one of {list(WEIGHTS)} (U uniform, S student, T teacher)")
 
 
-def _check_temperature(key: str, value: object) -> None:
+def check_positive_temperature(key: str, value: object) -> None:
+    """``value`` is a finite number > 0; ValueError naming ``key`` if not."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
         raise ValueError(f"{key}={value!r} must be a finite number > 0")
 
@@ -75,9 +77,9 @@ class CSD(VocabParallelObjective):
             "help": "temperature of the S weights only: softmax(f_S / (tau * weight_temperature))"})
 
         def __post_init__(self):
-            _check_weight("w1", self.w1)
-            _check_weight("w2", self.w2)
-            _check_temperature("weight_temperature", self.weight_temperature)
+            check_weight_name("w1", self.w1)
+            check_weight_name("w2", self.w2)
+            check_positive_temperature("weight_temperature", self.weight_temperature)
 
     def forward_kernel(self, student, teacher, inv_tau, info):
         cfg = self.config

@@ -22,7 +22,7 @@ from typing import Literal
 
 from distill_plugins.interfaces import PartConfig
 from distill_plugins.objectives.base import VocabParallelObjective
-from distill_plugins.objectives.csd import _check_temperature, _check_weight
+from distill_plugins.objectives.csd import check_positive_temperature, check_weight_name
 from distill_plugins.objectives.gap import GapSpec, weighted_gap_moments
 
 __all__ = ["LogitMSE"]
@@ -42,8 +42,8 @@ class LogitMSE(VocabParallelObjective):
             "help": "temperature of the S or T weight softmax (ignored for U)"})
 
         def __post_init__(self):
-            _check_weight("weight", self.weight)
-            _check_temperature("weight_temperature", self.weight_temperature)
+            check_weight_name("weight", self.weight)
+            check_positive_temperature("weight_temperature", self.weight_temperature)
 
     def forward_kernel(self, student, teacher, inv_tau, info):
         cfg = self.config
