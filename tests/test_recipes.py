@@ -250,3 +250,17 @@ def test_student_checkpoint_spec_reads_distill_model_json(tmp_path, capsys):
     assert main(["check", str(ROOT / "recipes/tiny/base.yaml"), f"student={{checkpoint: {step}}}",
                  "parallel.tensor=4", "teacher.num_query_groups=4"]) == 2
     assert "student.num_attention_heads=6 is not divisible by parallel.tensor=4" in capsys.readouterr().err
+
+
+def test_check_gives_the_fused_output_layer_notice_the_run_logs(caplog):
+    """``auto`` falling back is a warning at check time (the engine's notice); ``true`` is an error; same rule."""
+    recipe = str(ROOT / "recipes" / "tiny" / "eta_cross_tokenizer.yaml")
+    with caplog.at_level("WARNING"):
+        load_recipe(recipe, ["loss.fused_output_layer=auto"])
+    assert "loss.fused_output_layer=auto: the last stage materialises" in caplog.text and "'eta'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_recipe(recipe, ["loss.fused_output_layer=false"])
+    assert "fused_output_layer" not in caplog.text
+    with pytest.raises(RecipeError, match="loss.fused_output_layer=true but aligner 'eta'"):
+        load_recipe(recipe, ["loss.fused_output_layer=true"])

@@ -245,14 +245,15 @@ def _reference_errors(recipe: Recipe) -> list[str]:
     return []
 
 
-def fused_output_layer_errors(recipe: Recipe, part_configs: dict[str, tuple[type, Any]]) -> list[str]:
-    """``loss.fused_output_layer: true`` with a part or setting the fused path cannot run: one error.
+def fused_output_layer_errors(recipe: Recipe, part_configs: dict[str, tuple[type, Any]]) -> list:
+    """``loss.fused_output_layer``: ``true`` with a part or setting the fused path cannot run is one error;
+    ``auto`` falling back is a :class:`RecipeWarning` with the notice the engine logs at run time.
 
     The rule is :func:`distill_plugins.objectives.fused.decide_fused_output_layer`, the one
-    the engine applies when it builds the run (``auto`` falling back is the engine's
-    logged notice, not an error). The parts are built from their checked configs.
+    the engine applies when it builds the run. The parts are built from their checked configs.
     """
-    if recipe.loss.fused_output_layer is not True:
+    setting = recipe.loss.fused_output_layer
+    if setting is False:
         return []
     built = {}
     for section in ("objective", "selector", "temperature"):
@@ -262,9 +263,11 @@ def fused_output_layer_errors(recipe: Recipe, part_configs: dict[str, tuple[type
         built[section] = part = cls(config)
         part.name = getattr(recipe, section).name
     parts = SimpleNamespace(kd_weight=recipe.loss.kd_weight, **built)
-    decision = decide_fused_output_layer(True, parts, aligner=recipe.aligner.name,
+    decision = decide_fused_output_layer(setting, parts, aligner=recipe.aligner.name,
                                          separate_teacher=recipe.teacher_parallel is not None)
-    return [decision.error] if decision.error else []
+    if decision.error:
+        return [decision.error]
+    return [RecipeWarning(decision.notice)] if decision.notice else []
 
 
 def _best_effort_recipe(prepared: dict[str, Any]) -> Recipe:
