@@ -92,6 +92,7 @@ def test_a_third_party_source_registered_through_the_hook_is_used_by_a_recipe(tm
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     recipe, host = validate_recipe_data({"plugins": ["replay_plugin"], "sequences": {"name": "every_other", "period": 3},
+                                         "data": {"kind": "instruct", "paths": ["embedded"]},  # a generating source
                                          "student": {"vocab_size": 64}, "teacher": {"vocab_size": 64}})
     assert recipe.sequences.name == "every_other" and recipe.sequences.params == {"period": 3}
     source = host.build("sequence_source", recipe.sequences.name, recipe.sequences.params)
