@@ -51,5 +51,5 @@ def describe_recipe(recipe: Recipe, host) -> Iterator[str]:
     yield (f"training: {t.steps} steps, global batch {t.global_batch_size}, micro batch {t.micro_batch_size}, "
            f"seq {recipe.data.seq_length}, lr {t.lr}")
     yield (f"parts: objective={_part(recipe.objective)} selector={_part(recipe.selector)} "
-           f"temperature={_part(recipe.temperature)} aligner={_part(recipe.aligner)}")
+           f"temperature={_part(recipe.temperature)} aligner={_part(recipe.aligner)} sequences={_part(recipe.sequences)}")
     yield f"plugins: {', '.join(host.plugin_lines())}"
