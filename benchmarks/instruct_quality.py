@@ -67,7 +67,7 @@ from typing import Optional
 
 from distill_plugins.checkpoint import run_checkpoint as ckpt
 from distill_plugins.demo.evaluate import (build_eval_model, evaluation_context, instruct_metrics, load_run_weights,
-                                           read_metrics)
+                                           read_metrics, teacher_logprobs)
 from distill_plugins.demo.pipeline import (DemoSettings, default_recipes_dir, distill_run_command,
                                            ensure_instruct_teacher, instruct_heldout, load_teacher_model, run_command,
                                            teacher_overrides)
@@ -262,10 +262,10 @@ def probe_on_policy(args, teacher, env: dict, methods: list[Method]) -> None:
 # ---------------------------------------------------------------------------
 
 
-def evaluate_run(run: Run, teacher_model, data, spec, args) -> dict:
+def evaluate_run(run: Run, teacher, data, spec, args) -> dict:
     model = build_eval_model(spec, vocab_size=data.tokenizer.vocab_size, who="student")
     load_run_weights(model, run.directory / "run")
-    m = instruct_metrics(model, teacher_model, data.test, data.tokenizer, vocab_size=data.tokenizer.vocab_size,
+    m = instruct_metrics(model, teacher, data.test, data.tokenizer, vocab_size=data.tokenizer.vocab_size,
                          max_new_tokens=args.max_new_tokens, max_examples=args.eval_examples)
     out = {"response_ce": m.response_ce, "fkl": m.fkl, "rkl": m.rkl, "rouge_l": m.rouge_l,
            "answer_tokens": m.answer_tokens, "examples": m.examples, "samples": list(m.samples),
@@ -284,7 +284,8 @@ def summarize(runs: list[Run], methods: list[Method]) -> list[dict]:
     for method in methods:
         done = [r for r in runs if r.method.key == method.key and r.result is not None]
         row = {"key": method.key, "name": method.label, "group": method.group, "policy": method.policy,
-               "seeds": len(done), "failed": sum(1 for r in runs if r.method.key == method.key and r.error)}
+               "seeds": len(done), "of_seeds": sum(1 for r in runs if r.method.key == method.key),
+               "failed": sum(1 for r in runs if r.method.key == method.key and r.error)}
         for metric in METRICS:
             values = [r.result[metric] for r in done if r.result.get(metric) is not None]
             if values:
@@ -298,10 +299,11 @@ def summarize(runs: list[Run], methods: list[Method]) -> list[dict]:
 
 def _cell(row: dict, metric: str, fmt: str) -> str:
     if f"{metric}_mean" not in row:
-        return "failed" if row.get("failed") else "n/a"
+        return "failed" if row.get("failed") else "not run"
+    seeds = "" if row["seeds"] == row.get("of_seeds", row["seeds"]) else f" ({row['seeds']} seed{'s' * (row['seeds'] > 1)})"
     if row["seeds"] < 2:
-        return fmt.format(row[f"{metric}_mean"])
-    return f"{fmt.format(row[f'{metric}_mean'])} ± {fmt.format(row[f'{metric}_std'])}"
+        return fmt.format(row[f"{metric}_mean"]) + seeds
+    return f"{fmt.format(row[f'{metric}_mean'])} ± {fmt.format(row[f'{metric}_std'])}{seeds}"
 
 
 SECTIONS = (("off_policy", "Dataset responses (off-policy)"), ("on_policy", "On-policy (student-sampled responses)"),
@@ -385,6 +387,8 @@ def main(argv=None) -> int:
                         help="override for the teacher run only (its model is student.* there)")
     parser.add_argument("--student-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override for the student runs only")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: evaluate the finished runs and write the files (missing runs: n/a)")
     args = parser.parse_args(argv)
     args.steps = args.steps or (30 if args.quick else 200)
     if args.quick and args.eval_examples is None:
@@ -419,10 +423,9 @@ def main(argv=None) -> int:
         env["DISTILL_CACHE"] = str(cache)
 
     work = Path(args.work)
-    # Seed-major within each policy: off-policy rows first, an interrupted run has every method for the first seeds.
-    order = {p: i for i, p in enumerate(POLICIES)}
+    # Off-policy rows first, then seed-major: an interrupted run has every method for the first seeds.
     runs = [Run(m, s, work / f"{m.key}_seed{s}") for m in methods for s in seeds]
-    runs.sort(key=lambda r: (order[r.method.policy], r.seed, methods.index(r.method)))
+    runs.sort(key=lambda r: (r.method.policy != "off_policy", r.seed, methods.index(r.method)))
     pending = []
     for run in runs:
         done = run.directory / "result.json"
@@ -440,6 +443,8 @@ def main(argv=None) -> int:
         else:
             run.seconds = seconds
     to_eval = [r for r in pending if r not in to_train]
+    if args.report_only:
+        to_train = []
     log.info("%d runs (%d methods x %d seeds): %d evaluated, %d trained but not evaluated, %d to train",
              len(runs), len(methods), len(seeds), len(runs) - len(pending), len(to_eval), len(to_train))
     if any(r.method.policy != "off_policy" for r in to_train):
@@ -458,6 +463,8 @@ def main(argv=None) -> int:
                        "train_seconds": teacher.train_seconds, "steps": teacher.steps,
                        "size": f"{teacher.spec['num_layers']}x{teacher.spec['hidden_size']}"}
         log.info("teacher: response CE %.3f, ROUGE-L %.2f", tm.response_ce, tm.rouge_l)
+        reference = teacher_logprobs(tmodel, data.test, vocab_size=data.tokenizer.vocab_size,
+                                     max_examples=args.eval_examples)
 
         def finish(run: Run) -> None:
             error = check_on_policy_run(run)
@@ -465,7 +472,7 @@ def main(argv=None) -> int:
                 run.error = error
                 log.error("%s", error)
                 return
-            run.result = evaluate_run(run, tmodel, data, base.student, args)
+            run.result = evaluate_run(run, reference, data, base.student, args)
             (run.directory / "result.json").write_text(json.dumps(
                 {"signature": run_signature(args, run, teacher), "result": run.result}, indent=2) + "\n")
             log.info("%s seed %d: response CE %.3f  KL(T||S) %.3f  ROUGE-L %.2f  (%.0fs)", run.method.key, run.seed,
@@ -473,14 +480,19 @@ def main(argv=None) -> int:
 
         for run in to_eval:
             finish(run)
-        # Train a few at a time; evaluate each finished run here while the next ones train.
+        # Train a few at a time; evaluate each finished run here once its slot has been refilled, so the
+        # next runs train during the evaluation.
         active: list[tuple[Run, subprocess.Popen]] = []
         queue = list(to_train)
-        while queue or active:
+        finished: list[Run] = []
+        while queue or active or finished:
             while queue and len(active) < args.jobs:
                 run = queue.pop(0)
                 log.info("start %s seed %d", run.method.key, run.seed)
                 active.append((run, launch(args, run, teacher, env)))
+            if finished:
+                finish(finished.pop(0))
+                continue
             time.sleep(1.0)
             for run, proc in list(active):
                 code = proc.poll()
@@ -496,7 +508,7 @@ def main(argv=None) -> int:
                 (run.directory / "trained.json").write_text(json.dumps({"seconds": run.seconds}) + "\n")
                 log.info("done %s seed %d in %.0fs (%d left)", run.method.key, run.seed, run.seconds,
                          len(queue) + len(active))
-                finish(run)
+                finished.append(run)
 
     wall = time.perf_counter() - t_start
     rows = summarize(runs, methods)

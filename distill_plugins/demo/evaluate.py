@@ -100,6 +100,7 @@ __all__ = [
     "instruct_batches",
     "greedy_answers",
     "instruct_metrics",
+    "teacher_logprobs",
 ]
 
 PathLike = Union[str, Path]
@@ -458,7 +459,23 @@ def greedy_answers(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, 
 
 
 @torch.no_grad()
-def instruct_metrics(student: torch.nn.Module, teacher: Optional[torch.nn.Module], source: InstructSource,
+def teacher_logprobs(teacher: torch.nn.Module, source: InstructSource, *, vocab_size: int,
+                     max_examples: Optional[int] = None, batch_size: int = 32) -> list[torch.Tensor]:
+    """The teacher's fp32 log-probabilities ``[n_b, vocab_size]`` at the response positions of each held-out batch.
+
+    Computed once and passed to :func:`instruct_metrics` as ``teacher`` when
+    many students are scored against one teacher (same ``max_examples`` and
+    ``batch_size``): the teacher's forward passes are then not repeated.
+    """
+    out = []
+    for batch in instruct_batches(source, batch_size=batch_size, max_examples=max_examples):
+        mask = batch["labels"] != -100
+        out.append(torch.log_softmax(model_logits(teacher, batch["tokens"], vocab_size)[mask], dim=-1))
+    return out
+
+
+@torch.no_grad()
+def instruct_metrics(student: torch.nn.Module, teacher, source: InstructSource,
                      tokenizer: Tokenizer, *, vocab_size: int, max_new_tokens: int = 64, generate_answers: bool = True,
                      max_examples: Optional[int] = None, batch_size: int = 32,
                      num_samples: int = 3) -> InstructMetrics:
@@ -479,7 +496,8 @@ def instruct_metrics(student: torch.nn.Module, teacher: Optional[torch.nn.Module
 
     Args:
         student: the model scored (TP=1, from :func:`build_eval_model`).
-        teacher: the reference for the KL columns, or None.
+        teacher: the reference for the KL columns: a model, its :func:`teacher_logprobs`
+            on the same examples and batch size, or None.
         source: the held-out split (:func:`distill_plugins.data.instruct.instruct_source`).
         tokenizer: decodes answers.
         vocab_size: real vocabulary size (padded columns are dropped).
@@ -489,14 +507,18 @@ def instruct_metrics(student: torch.nn.Module, teacher: Optional[torch.nn.Module
     """
     sums = dict(ce=0.0, tce=0.0, fkl=0.0, rkl=0.0)
     count = examples = 0
-    for batch in instruct_batches(source, batch_size=batch_size, max_examples=max_examples):
+    cached = isinstance(teacher, (list, tuple))
+    for b, batch in enumerate(instruct_batches(source, batch_size=batch_size, max_examples=max_examples)):
         tokens, labels = batch["tokens"], batch["labels"]
         mask = labels != -100
         y = labels[mask]
         logq = torch.log_softmax(model_logits(student, tokens, vocab_size)[mask], dim=-1)
         sums["ce"] -= logq.gather(1, y[:, None]).sum().item()
         if teacher is not None:
-            logp = torch.log_softmax(model_logits(teacher, tokens, vocab_size)[mask], dim=-1)
+            if cached and (b >= len(teacher) or teacher[b].shape != logq.shape):
+                raise DistillError("instruct_metrics: the cached teacher log-probabilities were computed on other "
+                                   "examples (compute them with the same max_examples and batch_size)")
+            logp = teacher[b] if cached else torch.log_softmax(model_logits(teacher, tokens, vocab_size)[mask], dim=-1)
             sums["tce"] -= logp.gather(1, y[:, None]).sum().item()
             sums["fkl"] += (logp.exp() * (logp - logq)).sum().item()
             sums["rkl"] += (logq.exp() * (logq - logp)).sum().item()
