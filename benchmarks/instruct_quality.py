@@ -310,16 +310,28 @@ SECTIONS = (("off_policy", "Dataset responses (off-policy)"), ("on_policy", "On-
             ("mixed", "Mixed: each example's response sampled from the student with probability 0.5"))
 
 
-def markdown(rows: list[dict], teacher_row: dict, *, command: str, args, wall: float, seeds: list[int]) -> str:
+def read_invocations(work: Path) -> list[dict]:
+    """The training invocations recorded in ``work/invocations.jsonl`` (command, wall seconds, runs trained)."""
+    path = work / "invocations.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def markdown(rows: list[dict], teacher_row: dict, *, command: str, args, wall: float, seeds: list[int],
+             invocations: list[dict] = ()) -> str:
     cols = ["method", "response CE", "KL(T‖S)", "ROUGE-L", "train s/run"]
+    trained = [f"`{i['command']}` ({i['trained']} runs trained, {i['wall_seconds'] / 60:.1f} min"
+               + (f"; {i['note']}" if i.get("note") else "") + ")" for i in invocations if i.get("trained")]
     head = [
         f"Command: `{command}`",
         "",
+    ] + ([f"Runs trained by: {'; '.join(trained)}.", ""] if trained else []) + [
         f"Settings: teacher {teacher_row['size']} ({teacher_row['steps']} steps SFT, cached), students 2x64 from "
         f"random weights, {args.steps} optimizer steps of {args.batch} examples each (response tokens only) for every "
         f"method, the same learning rate and seeds ({', '.join(map(str, seeds))}); mean ± standard deviation over "
-        f"seeds; {args.nproc} process(es) per run (TP={args.nproc}), {args.jobs} run(s) at a time; total wall time "
-        f"{wall / 60:.1f} min. Held-out: the {teacher_row['examples']} test examples (packages unseen in training): "
+        f"seeds; {args.nproc} process(es) per run (TP={args.nproc}), {args.jobs} run(s) at a time; wall time of this "
+        f"invocation {wall / 60:.1f} min. Held-out: the {teacher_row['examples']} test examples (packages unseen in training): "
         "response CE (nats per reference response token), KL(teacher‖student) on the same positions, ROUGE-L F1 "
         f"(x100, rouge-score) of greedy answers of at most {args.max_new_tokens} tokens.",
         "",
@@ -343,7 +355,37 @@ def markdown(rows: list[dict], teacher_row: dict, *, command: str, args, wall: f
                 cells.append(_cell(r, ON_POLICY_METRIC, "{:.2f}"))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    return "\n".join(head + lines)
+    return "\n".join(head + lines + on_policy_deltas(rows))
+
+
+def on_policy_deltas(rows: list[dict]) -> list[str]:
+    """Lines of a table: per objective, on-policy and mixed minus dataset responses (ROUGE-L, response CE)."""
+    by = {r["key"]: r for r in rows}
+    out = []
+    for key in ("forward_kl", "reverse_kl", "skew_reverse_kl", "csd_ss"):
+        base = by.get(key)
+        if base is None or "rouge_l_mean" not in base:
+            continue
+        cells = [base["name"], f"{base['rouge_l_mean']:.2f}", f"{base['response_ce_mean']:.3f}"]
+        found = False
+        for policy in ("on_policy", "mixed"):
+            r = by.get(f"{policy}_{key}")
+            if r is not None and "rouge_l_mean" in r:
+                found = True
+                cells += [f"{r['rouge_l_mean'] - base['rouge_l_mean']:+.2f}",
+                          f"{r['response_ce_mean'] - base['response_ce_mean']:+.3f}"]
+            else:
+                cells += ["not run", "not run"]
+        if found:
+            out.append("| " + " | ".join(cells) + " |")
+    if not out:
+        return []
+    return ["**On-policy data against dataset responses, per objective** (differences of the means; ROUGE-L: "
+            "higher is better, response CE: lower is better; the CSD paper's Table 2 reports ImitKD + CSD "
+            "20.73 against ImitKD 16.69 ROUGE-L for GPT-2 0.1 B, and ImitKD 19.23, + DLD 22.32, + CSD 23.12 for "
+            "0.3 B; docs/demo.md reads the two side by side)", "",
+            "| objective | ROUGE-L, dataset | response CE, dataset | ROUGE-L, on-policy | response CE, on-policy "
+            "| ROUGE-L, mixed | response CE, mixed |", "|---|---:|---:|---:|---:|---:|---:|"] + out + [""]
 
 
 # ---------------------------------------------------------------------------
@@ -407,6 +449,8 @@ def main(argv=None) -> int:
     if args.jobs < 1 or args.nproc < 1:
         parser.error("--jobs and --nproc must be >= 1")
 
+    command = "python benchmarks/instruct_quality.py" + ("" if argv is None and len(sys.argv) == 1 else " " + shlex.join(
+        argv if argv is not None else sys.argv[1:]))
     t_start = time.perf_counter()
     base = load_recipe(args.recipes / "student_fkl.yaml", list(args.set) + list(args.student_set))[0]
     args.batch = base.training.global_batch_size
@@ -514,11 +558,16 @@ def main(argv=None) -> int:
     rows = summarize(runs, methods)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/instruct_quality.py" + ("" if argv is None and len(sys.argv) == 1 else " " + shlex.join(
-        argv if argv is not None else sys.argv[1:]))
-    table = markdown(rows, teacher_row, command=command, args=args, wall=wall, seeds=seeds)
+    trained_here = sum(1 for r in to_train if r.result is not None or r.error)
+    if trained_here:
+        with open(work / "invocations.jsonl", "a") as fh:
+            fh.write(json.dumps({"command": command, "wall_seconds": wall, "trained": trained_here,
+                                 "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    table = markdown(rows, teacher_row, command=command, args=args, wall=wall, seeds=seeds,
+                     invocations=read_invocations(work))
     (out / "instruct_quality.md").write_text("# Instruction-quality benchmark\n\n" + table)
-    payload = {"command": command, "wall_seconds": wall, "steps": args.steps, "seeds": seeds, "teacher": teacher_row,
+    payload = {"command": command, "wall_seconds": wall, "invocations": read_invocations(work), "steps": args.steps,
+               "seeds": seeds, "teacher": teacher_row,
                "teacher_dir": str(teacher.directory), "rows": rows,
                "runs": [{"method": r.method.key, "policy": r.method.policy, "seed": r.seed, "result": r.result,
                          "error": r.error} for r in runs]}
