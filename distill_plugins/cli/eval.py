@@ -118,7 +118,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from distill_plugins.data.stream import rank0_first
     from distill_plugins.engine import process_groups
     from distill_plugins.engine.callbacks import MetricsLog, global_rank
-    from distill_plugins.engine.cpu import enable_cpu_mode
+    from distill_plugins.engine.cpu import disable_cpu_mode, enable_cpu_mode
     from distill_plugins.engine.evaluation import check_instruct_recipe, evaluate_instruct, held_out_source
     from distill_plugins.engine.run import Engine
     from distill_plugins.recipe.load import load_recipe
@@ -174,6 +174,8 @@ def run_eval(args: argparse.Namespace) -> int:
             print(f"wrote {out_file} and a line in {out_dir / MetricsLog.FILE}")
     finally:
         process_groups.destroy()
+        if cpu:  # in-process callers (tests, notebooks) get torch back as it was
+            disable_cpu_mode()
     return 0
 
 

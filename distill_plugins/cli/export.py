@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from distill_plugins.engine import process_groups as parallel_state
-from distill_plugins.engine.cpu import enable_cpu_mode
+from distill_plugins.engine.cpu import disable_cpu_mode, enable_cpu_mode
 from distill_plugins.logging import get_logger
 from distill_plugins.recipe.schema import ParallelSpec
 
@@ -52,5 +52,7 @@ def run_export(args: argparse.Namespace) -> int:
                                          tokenizer_dir=args.tokenizer_dir, dtype=args.dtype)
     finally:
         parallel_state.destroy()
+        if cpu:  # in-process callers (tests, notebooks) get torch back as it was
+            disable_cpu_mode()
     get_logger(__name__).info("exported %s to %s", args.checkpoint, out)
     return 0

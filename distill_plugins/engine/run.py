@@ -66,7 +66,7 @@ from distill_plugins.engine import process_groups
 from distill_plugins.engine.alignment import AlignerRuntime
 from distill_plugins.engine.callbacks import (Callback, CheckpointSchedule, EvaluationSchedule, LoopControl,
                                               MetricsLog, PluginObservers, ProgressLog, StopOnSignal, global_rank)
-from distill_plugins.engine.cpu import enable_cpu_mode
+from distill_plugins.engine.cpu import disable_cpu_mode, enable_cpu_mode
 from distill_plugins.engine.evaluation import evaluate_instruct, held_out_source
 from distill_plugins.engine.loss import build_loss_parts
 from distill_plugins.engine.remote_teacher import start_separate
@@ -392,12 +392,14 @@ def run(recipe: Recipe, host: "PluginHost", *, cpu: bool = False) -> int:
             ``output_dir`` and a checkpoint that could not be saved.
     """
     signals = install_stop_handlers()  # first: a signal during the slow start-up must not kill the process
+    cpu = bool(cpu or recipe.device == "cpu")
+    cpu_enabled = False
     try:
         configure_logging()
         check_writable([("output_dir", recipe.output_dir), ("checkpoint.dir", checkpoint_directory(recipe))])
-        cpu = bool(cpu or recipe.device == "cpu")
         if cpu:
             enable_cpu_mode()
+            cpu_enabled = True
         if recipe.teacher_parallel is None:
             engine = Engine(recipe, host, cpu=cpu, signals=signals)
         else:  # a teacher on ranks of its own: this process is a student or a teacher rank (docs/separate_teacher.md)
@@ -410,3 +412,5 @@ def run(recipe: Recipe, host: "PluginHost", *, cpu: bool = False) -> int:
         return engine.train()
     finally:
         restore_stop_handlers()
+        if cpu_enabled:  # in-process callers (tests, notebooks) get torch back as it was
+            disable_cpu_mode()
