@@ -384,8 +384,8 @@ def on_policy_deltas(rows: list[dict]) -> list[str]:
             "higher is better, response CE: lower is better; the CSD paper's Table 2 reports ImitKD + CSD "
             "20.73 against ImitKD 16.69 ROUGE-L for GPT-2 0.1 B, and ImitKD 19.23, + DLD 22.32, + CSD 23.12 for "
             "0.3 B; docs/demo.md reads the two side by side)", "",
-            "| objective | ROUGE-L, dataset | response CE, dataset | ROUGE-L, on-policy | response CE, on-policy "
-            "| ROUGE-L, mixed | response CE, mixed |", "|---|---:|---:|---:|---:|---:|---:|"] + out + [""]
+            "| objective | ROUGE-L, dataset | response CE, dataset | Δ ROUGE-L, on-policy | Δ response CE, on-policy "
+            "| Δ ROUGE-L, mixed | Δ response CE, mixed |", "|---|---:|---:|---:|---:|---:|---:|"] + out + [""]
 
 
 # ---------------------------------------------------------------------------
