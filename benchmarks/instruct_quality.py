@@ -58,10 +58,9 @@ import os
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -75,6 +74,9 @@ from distill_plugins.demo.report import plot_metric_bars
 from distill_plugins.errors import DistillError
 from distill_plugins.logging import configure_logging, get_logger
 from distill_plugins.recipe.load import load_recipe
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: _runs, also when loaded by path (tests)
+from _runs import Run, launch, train_in_pool  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -138,17 +140,6 @@ def all_methods() -> list[Method]:
 QUICK_METHODS = ("sft", "forward_kl", "csd_ts")
 
 
-@dataclass
-class Run:
-    method: Method
-    seed: int
-    directory: Path
-    result: Optional[dict] = None
-    seconds: float = 0.0
-    error: Optional[str] = None
-    extra: dict = field(default_factory=dict)
-
-
 # ---------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------
@@ -188,17 +179,6 @@ def already_trained(args, run: Run, teacher) -> Optional[float]:
         return None
     marker = run.directory / "trained.json"
     return float(json.loads(marker.read_text())["seconds"]) if marker.is_file() else None
-
-
-def launch(args, run: Run, teacher, env: dict) -> subprocess.Popen:
-    cmd = build_command(args, run, teacher)
-    if run.directory.exists():
-        shutil.rmtree(run.directory)
-    run.directory.mkdir(parents=True)
-    (run.directory / "command.txt").write_text(shlex.join(cmd) + "\n")
-    run.extra["t0"] = time.perf_counter()
-    run.extra["log"] = open(run.directory / "console.log", "w")
-    return subprocess.Popen(cmd, stdout=run.extra["log"], stderr=subprocess.STDOUT, env=env)
 
 
 # ---------------------------------------------------------------------------
@@ -526,33 +506,8 @@ def main(argv=None) -> int:
             finish(run)
         # Train a few at a time; evaluate each finished run here once its slot has been refilled, so the
         # next runs train during the evaluation.
-        active: list[tuple[Run, subprocess.Popen]] = []
-        queue = list(to_train)
-        finished: list[Run] = []
-        while queue or active or finished:
-            while queue and len(active) < args.jobs:
-                run = queue.pop(0)
-                log.info("start %s seed %d", run.method.key, run.seed)
-                active.append((run, launch(args, run, teacher, env)))
-            if finished:
-                finish(finished.pop(0))
-                continue
-            time.sleep(1.0)
-            for run, proc in list(active):
-                code = proc.poll()
-                if code is None:
-                    continue
-                active.remove((run, proc))
-                run.extra["log"].close()
-                run.seconds = time.perf_counter() - run.extra["t0"]
-                if code != 0:
-                    run.error = f"exit code {code}; see {run.directory / 'console.log'}"
-                    log.warning("%s seed %d failed: %s", run.method.key, run.seed, run.error)
-                    continue
-                (run.directory / "trained.json").write_text(json.dumps({"seconds": run.seconds}) + "\n")
-                log.info("done %s seed %d in %.0fs (%d left)", run.method.key, run.seed, run.seconds,
-                         len(queue) + len(active))
-                finished.append(run)
+        train_in_pool(to_train, jobs=args.jobs, log=log, finish=finish,
+                      start=lambda run: launch(run, build_command(args, run, teacher), env))
 
     wall = time.perf_counter() - t_start
     rows = summarize(runs, methods)

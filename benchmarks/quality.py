@@ -44,13 +44,15 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: _runs, also when loaded by path
+from _runs import Run, launch, train_in_pool  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -100,17 +102,6 @@ QUICK_METHODS = ("ce_only", "forward_kl", "reverse_kl", "csd_ss_t1", "csd_us_t15
 # ---------------------------------------------------------------------------
 
 
-@dataclass
-class Run:
-    method: Method
-    seed: int
-    directory: Path
-    result: Optional[dict] = None
-    seconds: float = 0.0
-    error: Optional[str] = None
-    extra: dict = field(default_factory=dict)
-
-
 def run_signature(args, method: Method, seed: int, teacher_dir: Path) -> dict:
     return {"method": method.key, "recipe": method.recipe, "overrides": list(method.overrides), "seed": seed,
             "steps": args.steps, "lr": args.lr, "teacher": str(teacher_dir), "extra": list(args.set),
@@ -152,20 +143,6 @@ def already_trained(args, run: Run, teacher) -> Optional[float]:
     metrics = run.directory / "run" / "metrics.jsonl"
     lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
     return float(sum(r.get("step_time_s") or 0.0 for r in lines))
-
-
-def launch(args, run: Run, teacher, env: dict) -> "subprocess.Popen":  # noqa: F821
-    import subprocess
-
-    cmd = build_command(args, run, teacher)
-    if run.directory.exists():
-        shutil.rmtree(run.directory)
-    run.directory.mkdir(parents=True)
-    (run.directory / "command.txt").write_text(shlex.join(cmd) + "\n")
-    log = open(run.directory / "console.log", "w")
-    run.extra["t0"] = time.perf_counter()
-    run.extra["log"] = log
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def evaluate_run(run: Run, teacher_model, windows, prompts, refs, tok, vocab: int, spec, args) -> dict:
@@ -317,28 +294,7 @@ def main(argv=None) -> int:
     threads = max(1, (os.cpu_count() or 2) // max(1, args.jobs * args.nproc))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     # Train (a few at a time), then evaluate everything in this process.
-    active: list[tuple[Run, object]] = []
-    queue = list(to_train)
-    while queue or active:
-        while queue and len(active) < args.jobs:
-            run = queue.pop(0)
-            log.info("start %s seed %d", run.method.key, run.seed)
-            active.append((run, launch(args, run, teacher, env)))
-        time.sleep(1.0)
-        for run, proc in list(active):
-            code = proc.poll()
-            if code is None:
-                continue
-            active.remove((run, proc))
-            run.extra["log"].close()
-            run.seconds = time.perf_counter() - run.extra["t0"]
-            if code != 0:
-                run.error = f"exit code {code}; see {run.directory / 'console.log'}"
-                log.warning("%s seed %d failed: %s", run.method.key, run.seed, run.error)
-            else:
-                (run.directory / "trained.json").write_text(json.dumps({"seconds": run.seconds}) + "\n")
-                log.info("done %s seed %d in %.0fs (%d left)", run.method.key, run.seed, run.seconds,
-                         len(queue) + len(active))
+    train_in_pool(to_train, jobs=args.jobs, log=log, start=lambda run: launch(run, build_command(args, run, teacher), env))
 
     from distill_plugins.demo.evaluate import (build_eval_model, compare_models, evaluation_context,
                                                greedy_continuations, heldout_prompts, heldout_windows, rouge_l)
