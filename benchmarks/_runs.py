@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["Run", "launch", "train_in_pool"]
+from distill_plugins.checkpoint import run_checkpoint as ckpt
+
+__all__ = ["Run", "launch", "train_in_pool", "trained_seconds", "triage"]
 
 
 @dataclass
@@ -80,3 +82,52 @@ def train_in_pool(runs: Sequence[Run], *, jobs: int, start: Callable[[Run], subp
                      len(queue) + len(active))
             if finish is not None:
                 finished.append(run)
+
+
+def trained_seconds(run: Run, cmd: Sequence[str], steps: int, *, from_metrics: bool = False) -> Optional[float]:
+    """Training seconds of a finished run of exactly ``cmd`` (None: train it).
+
+    Finished: ``command.txt`` is ``cmd`` and the checkpoint of step ``steps`` is complete. The
+    time comes from ``trained.json``; without it, None, or with ``from_metrics`` the sum of the
+    run's logged ``step_time_s``.
+    """
+    cmd_file = run.directory / "command.txt"
+    if not cmd_file.is_file() or cmd_file.read_text().strip() != shlex.join(cmd):
+        return None
+    if ckpt.validate_checkpoint(run.directory / "run" / "checkpoints" / ckpt.step_dirname(steps)) is not None:
+        return None
+    marker = run.directory / "trained.json"
+    if marker.is_file():
+        return float(json.loads(marker.read_text())["seconds"])
+    if not from_metrics:
+        return None
+    metrics = run.directory / "run" / "metrics.jsonl"
+    lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
+    return float(sum(r.get("step_time_s") or 0.0 for r in lines))
+
+
+def triage(runs: Sequence[Run], *, signature: Callable[[Run], dict],
+           trained: Callable[[Run], Optional[float]]) -> tuple[list[Run], list[Run]]:
+    """Which runs still need work: ``(pending, to_train)``.
+
+    A run whose ``result.json`` carries ``signature(run)`` takes its result from there; the
+    others are pending. A pending run that ``trained`` finds finished gets its ``seconds``
+    (to be scored only); the rest are to train.
+    """
+    pending = []
+    for run in runs:
+        done = run.directory / "result.json"
+        if done.is_file():
+            saved = json.loads(done.read_text())
+            if saved.get("signature") == signature(run):
+                run.result = saved["result"]
+                continue
+        pending.append(run)
+    to_train = []
+    for run in pending:
+        seconds = trained(run)
+        if seconds is None:
+            to_train.append(run)
+        else:
+            run.seconds = seconds
+    return pending, to_train

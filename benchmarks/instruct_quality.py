@@ -64,7 +64,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from distill_plugins.checkpoint import run_checkpoint as ckpt
 from distill_plugins.demo.evaluate import (build_eval_model, evaluation_context, instruct_metrics, load_run_weights,
                                            read_metrics, teacher_logprobs)
 from distill_plugins.demo.pipeline import (DemoSettings, default_recipes_dir, distill_run_command,
@@ -76,7 +75,7 @@ from distill_plugins.logging import configure_logging, get_logger
 from distill_plugins.recipe.load import load_recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: _runs, also when loaded by path (tests)
-from _runs import Run, launch, train_in_pool  # noqa: E402
+from _runs import Run, launch, train_in_pool, trained_seconds, triage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -168,17 +167,6 @@ def run_signature(args, run: Run, teacher) -> dict:
     """What determines a run's result: its command and the evaluation settings."""
     return {"command": shlex.join(build_command(args, run, teacher)), "teacher": str(teacher.directory),
             "max_new_tokens": args.max_new_tokens, "eval_examples": args.eval_examples}
-
-
-def already_trained(args, run: Run, teacher) -> Optional[float]:
-    """Training seconds of a finished run of exactly this command (None: train it)."""
-    cmd_file = run.directory / "command.txt"
-    if not cmd_file.is_file() or cmd_file.read_text().strip() != shlex.join(build_command(args, run, teacher)):
-        return None
-    if ckpt.validate_checkpoint(run.directory / "run" / "checkpoints" / ckpt.step_dirname(args.steps)) is not None:
-        return None
-    marker = run.directory / "trained.json"
-    return float(json.loads(marker.read_text())["seconds"]) if marker.is_file() else None
 
 
 # ---------------------------------------------------------------------------
@@ -450,22 +438,8 @@ def main(argv=None) -> int:
     # Off-policy rows first, then seed-major: an interrupted run has every method for the first seeds.
     runs = [Run(m, s, work / f"{m.key}_seed{s}") for m in methods for s in seeds]
     runs.sort(key=lambda r: (r.method.policy != "off_policy", r.seed, methods.index(r.method)))
-    pending = []
-    for run in runs:
-        done = run.directory / "result.json"
-        if done.is_file():
-            saved = json.loads(done.read_text())
-            if saved.get("signature") == run_signature(args, run, teacher):
-                run.result = saved["result"]
-                continue
-        pending.append(run)
-    to_train = []
-    for run in pending:
-        seconds = already_trained(args, run, teacher)
-        if seconds is None:
-            to_train.append(run)
-        else:
-            run.seconds = seconds
+    pending, to_train = triage(runs, signature=lambda run: run_signature(args, run, teacher),
+                               trained=lambda run: trained_seconds(run, build_command(args, run, teacher), args.steps))
     to_eval = [r for r in pending if r not in to_train]
     if args.report_only:
         to_train = []

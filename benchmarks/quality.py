@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: _runs, also when loaded by path
-from _runs import Run, launch, train_in_pool  # noqa: E402
+from _runs import Run, launch, train_in_pool, trained_seconds, triage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -121,28 +121,6 @@ def build_command(args, run: Run, teacher) -> list[str]:
     if run.method.recipe != "student_ce.yaml":
         overrides.append(f"teacher.megatron={teacher.megatron_dir}")
     return distill_run_command(recipe, overrides, nproc=args.nproc)
-
-
-def already_trained(args, run: Run, teacher) -> Optional[float]:
-    """Training seconds of a finished run of exactly this command (None: train it).
-
-    A run counts as finished when its ``command.txt`` is this command and its
-    final checkpoint (step ``--steps``) is complete; its time comes from
-    ``trained.json`` or, failing that, the sum of the logged step times.
-    """
-    from distill_plugins.checkpoint import run_checkpoint as ckpt
-
-    cmd_file = run.directory / "command.txt"
-    if not cmd_file.is_file() or cmd_file.read_text().strip() != shlex.join(build_command(args, run, teacher)):
-        return None
-    if ckpt.validate_checkpoint(run.directory / "run" / "checkpoints" / ckpt.step_dirname(args.steps)) is not None:
-        return None
-    marker = run.directory / "trained.json"
-    if marker.is_file():
-        return float(json.loads(marker.read_text())["seconds"])
-    metrics = run.directory / "run" / "metrics.jsonl"
-    lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.is_file() else []
-    return float(sum(r.get("step_time_s") or 0.0 for r in lines))
 
 
 def evaluate_run(run: Run, teacher_model, windows, prompts, refs, tok, vocab: int, spec, args) -> dict:
@@ -270,23 +248,9 @@ def main(argv=None) -> int:
     work = Path(args.work)
     # Seed-major: an interrupted benchmark has every method for the first seeds.
     runs = [Run(m, s, work / f"{m.key}_seed{s}") for s in seeds for m in methods]
-    pending = []
-    for run in runs:
-        done = run.directory / "result.json"
-        sig = run_signature(args, run.method, run.seed, teacher.directory)
-        if done.is_file():
-            saved = json.loads(done.read_text())
-            if saved.get("signature") == sig:
-                run.result = saved["result"]
-                continue
-        pending.append(run)
-    to_train = []
-    for run in pending:
-        seconds = already_trained(args, run, teacher)
-        if seconds is None:
-            to_train.append(run)
-        else:
-            run.seconds = seconds
+    pending, to_train = triage(
+        runs, signature=lambda run: run_signature(args, run.method, run.seed, teacher.directory),
+        trained=lambda run: trained_seconds(run, build_command(args, run, teacher), args.steps, from_metrics=True))
     log.info("%d runs (%d methods x %d seeds): %d evaluated, %d trained but not evaluated, %d to train",
              len(runs), len(methods), len(seeds), len(runs) - len(pending), len(pending) - len(to_train),
              len(to_train))
