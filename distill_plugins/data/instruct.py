@@ -89,7 +89,7 @@ from .tokenizer import Tokenizer, load_tokenizer
 __all__ = ["EMBEDDED", "Record", "Rendered", "Example", "read_records", "select_template", "render_records",
            "tokenize_rendered", "InstructSource", "InstructMicrobatchIterator", "InstructEvalData",
            "instruct_tokenizer", "instruct_records", "instruct_source", "build_instruct_data",
-           "build_instruct_eval_data", "is_embedded_instruct", "collate_instruct"]
+           "build_instruct_eval_data", "is_embedded_instruct", "collate_instruct", "kept_prompt_length"]
 
 log = get_logger(__name__)
 
@@ -337,6 +337,20 @@ def tokenize_rendered(rendered: Sequence[Rendered], tok: Tokenizer) -> list[Exam
 # ---------------------------------------------------------------------------
 
 
+def kept_prompt_length(prompt_length: int, length: int, window: int) -> int:
+    """How many of a row's ``prompt_length`` prompt tokens a ``window``-token row keeps (cut from the left).
+
+    A row of ``length`` tokens (prompt + response) that fits keeps its whole prompt. A longer one
+    keeps the response's beginning: the prompt is cut from the left to what leaves room for the
+    response, but never below half the window (a long response is then cut at its end):
+    ``min(prompt_length, max(window - response_length, window // 2))``. The data's rows and the
+    rows the engine rebuilds with generated responses (``engine.sequences``) follow this one rule.
+    """
+    if length <= window:
+        return prompt_length
+    return min(prompt_length, max(window - (length - prompt_length), window // 2))
+
+
 class InstructSource:
     """The kept, truncated examples of one split and their sampling order (module docstring).
 
@@ -375,8 +389,7 @@ class InstructSource:
                 if truncation == "drop":
                     stats["dropped"] += 1
                     continue
-                keep_prompt = min(p, max(window - (n - p), window // 2))
-                lo = p - keep_prompt
+                lo = p - kept_prompt_length(p, n, window)
                 ids, resp = ids[lo:lo + window], resp[lo:lo + window]
                 stats["truncated"] += 1
             gen = ex.ids[:ex.generation_prompt_end][-self.seq_length:]

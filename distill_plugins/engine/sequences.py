@@ -78,7 +78,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from distill_plugins.data.instruct import instruct_tokenizer
+from distill_plugins.data.instruct import instruct_tokenizer, kept_prompt_length
 from distill_plugins.engine.generate import GenerationConfig, GenerationResult, generate
 from distill_plugins.errors import DistillError, RecipeError
 from distill_plugins.interfaces import (FROM_DATASET, FROM_STUDENT, FROM_TEACHER, IGNORE_INDEX, SamplingParams,
@@ -153,9 +153,7 @@ def rebuild_batch(batch: dict[str, Any], responses: Sequence[Optional[Sequence[i
         resp = [int(t) for t in response]
         if not resp:
             raise DistillError(f"row {i}: an empty generated response (generate() always returns at least one token)")
-        keep = len(prompt)
-        if len(prompt) + len(resp) > window:
-            keep = min(len(prompt), max(window - len(resp), window // 2))
+        keep = kept_prompt_length(len(prompt), len(prompt) + len(resp), window)
         x = torch.tensor(prompt[len(prompt) - keep:] + resp, dtype=torch.long)[:window]
         is_resp = torch.arange(len(x)) >= keep
         tokens[i].fill_(int(pad_id))
